@@ -140,6 +140,26 @@ impl Config {
         Ok(())
     }
 
+    /// Checks that every VM's API socket path will fit `sun_path` (108
+    /// bytes with its NUL): a long state dir would otherwise fail only at
+    /// the first start.
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        let longest = self
+            .vms_dir()
+            .join("00000000-0000-0000-0000-000000000000")
+            .join("api.sock");
+        let len = longest.as_os_str().len();
+        if len > 107 {
+            return Err(ConfigError::Invalid {
+                key: "state_dir",
+                reason: format!(
+                    "too long: VM API sockets under it would be {len} bytes, over the 107 a Unix socket path allows"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The store's database file.
     pub fn db_path(&self) -> PathBuf {
         self.state_dir.join("hearth.db")
@@ -153,6 +173,11 @@ impl Config {
     /// Graceful stop timeout.
     pub fn stop_timeout(&self) -> Duration {
         Duration::from_secs(self.stop_timeout_secs)
+    }
+
+    /// How long a freshly spawned VMM has to open its API socket.
+    pub fn vmm_ready_timeout(&self) -> Duration {
+        Duration::from_millis(self.vmm_ready_timeout_ms)
     }
 
     /// The VMM binary resolved against `PATH`, if it can be found.

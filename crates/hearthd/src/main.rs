@@ -1,1 +1,165 @@
-fn main() {}
+//! `hearthd`: loads the config, opens the store, rebuilds every VM's
+//! in-memory state from it (re-adopting live VMMs), then serves the API on
+//! a Unix socket. On SIGTERM or SIGINT it stops serving and exits, leaving
+//! every VM running (DESIGN.md, invariant 4).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use hearthd::config::Config;
+use hearthd::host::LinuxProcesses;
+use hearthd::lifecycle::Lifecycle;
+use hearthd::store::Store;
+use hearthd::vmm::firecracker::Firecracker;
+
+/// The hearth daemon: runs Firecracker microVMs and owns every kernel
+/// object they need.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Config file (default /etc/hearth/hearth.toml when it exists).
+    #[arg(long, env = "HEARTH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides `state_dir`.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Overrides `socket`.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Overrides `vmm_binary`.
+    #[arg(long)]
+    vmm_binary: Option<PathBuf>,
+}
+
+/// Refuses to run beside a live daemon on the same socket, and removes a
+/// socket file a dead daemon left behind.
+async fn claim_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!(
+                "another hearthd is already serving {}; refusing to start",
+                path.display()
+            );
+        }
+        tracing::info!(socket = %path.display(), "removing stale socket left by a dead daemon");
+        std::fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// One daemon per state dir: an exclusive `flock` on `<state>/hearthd.lock`
+/// held for the process's life (the kernel drops it when we die).
+fn lock_state_dir(config: &Config) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
+    let path = config.state_dir.join("hearthd.lock");
+    let file = std::fs::File::create(&path).with_context(|| format!("open {}", path.display()))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).with_context(
+        || {
+            format!(
+                "another hearthd holds {}; refusing to start",
+                config.state_dir.display()
+            )
+        },
+    )?;
+    Ok(file)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(d) = args.state_dir {
+        config.state_dir = d;
+    }
+    if let Some(s) = args.socket {
+        config.socket = s;
+    }
+    if let Some(v) = args.vmm_binary {
+        config.vmm_binary = v;
+    }
+    config.check_paths()?;
+    let vmm_binary = config.resolve_vmm_binary().with_context(|| {
+        format!(
+            "VMM binary {} not found (set vmm_binary; `hearth doctor` explains)",
+            config.vmm_binary.display()
+        )
+    })?;
+    let _lock = lock_state_dir(&config)?;
+    let store = Arc::new(Store::open(&config.db_path())?);
+    let lifecycle = Lifecycle::new(
+        store,
+        config.clone(),
+        Arc::new(LinuxProcesses),
+        Arc::new(Firecracker::new(vmm_binary.clone())),
+    );
+    let t = std::time::Instant::now();
+    let report = lifecycle.recover().await?;
+    tracing::info!(
+        adopted = report.adopted,
+        cleaned = report.cleaned,
+        failed = report.failed,
+        corrupt = report.corrupt,
+        took_ms = t.elapsed().as_millis() as u64,
+        "recovered VMs from the store"
+    );
+    let listener = claim_socket(&config.socket).await?;
+    tracing::info!(
+        socket = %config.socket.display(),
+        state_dir = %config.state_dir.display(),
+        vmm = %vmm_binary.display(),
+        "hearthd serving"
+    );
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down; VMs keep running");
+    };
+    axum::serve(listener, hearthd::api::router(lifecycle))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serve")?;
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hearthd: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearthd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! VM lifecycle: create, start, stop, kill, delete — each under a per-VM
+//! lock, each a journal of steps whose output is in the store before the
+//! next step runs (DESIGN.md, "Operations as journaled steps").
+//!
+//! Different VMs never wait on each other: the only host-wide locks are the
+//! lock-table mutex (held for a map lookup) and the store's connection
+//! mutex (held for one SQLite statement). The in-memory part of a VM — its
+//! lock and its process watcher — is rebuilt from the store at start
+//! ([`Lifecycle::recover`]), never the other way round.
+
+mod console;
+mod start;
+mod teardown;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+
+use hearth_api::{CreateVmRequest, Runtime, Vm, VmState};
+use uuid::Uuid;
+
+pub use console::{ConsoleFollow, tail_bytes};
+pub use teardown::RecoverReport;
+
+use crate::config::Config;
+use crate::host::ProcessHost;
+use crate::store::{Store, StoreError, VmRow};
+use crate::vmm::Backend;
+
+/// Why a lifecycle operation failed. The API maps each variant to one
+/// status code (`api::status_of`).
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// The request is malformed or names something unusable.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// Which field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// No VM has this id or name.
+    #[error("no VM with id or name {0:?}")]
+    NotFound(String),
+    /// The VM is in a state that does not allow the operation.
+    #[error("cannot {op} VM {name}: it is {state}")]
+    WrongState {
+        /// The operation.
+        op: &'static str,
+        /// The VM.
+        name: String,
+        /// Its state.
+        state: VmState,
+    },
+    /// The VM's record cannot be parsed, so the operation cannot be
+    /// planned from it. `kill` and `rm --force` still work.
+    #[error("VM {name} has a corrupt record ({reason}); `hearth kill` or `hearth rm --force` cleans it up")]
+    Corrupt {
+        /// The VM.
+        name: String,
+        /// The parse error.
+        reason: String,
+    },
+    /// A start step failed; everything done so far was unwound.
+    #[error("start of VM {name} failed")]
+    StartFailed {
+        /// The VM.
+        name: String,
+        /// The step's error.
+        #[source]
+        source: StepError,
+    },
+    /// Some teardown steps failed; what is left is still named in the
+    /// VM's runtime record and the next stop, kill or delete retries.
+    #[error("teardown of VM {name} incomplete: {}", errors.join("; "))]
+    TeardownFailed {
+        /// The VM.
+        name: String,
+        /// Every step's error chain.
+        errors: Vec<String>,
+    },
+    /// A file the daemon keeps could not be read.
+    #[error("cannot {op} {}", path.display())]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A journal step's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// A file or directory operation.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM process.
+    #[error(transparent)]
+    Process(#[from] crate::host::ProcessError),
+    /// The VMM's API.
+    #[error(transparent)]
+    Vmm(#[from] crate::vmm::VmmError),
+    /// Writing the journal.
+    #[error("journal write failed")]
+    Store(#[from] StoreError),
+}
+
+/// Renders an error and its causes, outermost first, each once.
+pub fn error_chain(e: &(dyn StdError + 'static)) -> Vec<String> {
+    let mut out = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if out.last() != Some(&s) {
+            out.push(s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+/// Where a VM's files live: derived from the state dir and the id alone,
+/// so they can be found even when a runtime record is unreadable.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    /// `<state>/vms/<id>`.
+    pub dir: PathBuf,
+    /// Firecracker's API socket.
+    pub api_socket: PathBuf,
+    /// The VMM's stdout and stderr (the serial console).
+    pub console_log: PathBuf,
+    /// Firecracker's own log.
+    pub vmm_log: PathBuf,
+    /// Firecracker's metrics.
+    pub metrics: PathBuf,
+}
+
+impl VmPaths {
+    /// Paths of VM `id` under `config.state_dir`.
+    pub fn new(config: &Config, id: Uuid) -> VmPaths {
+        let dir = config.vms_dir().join(id.to_string());
+        VmPaths {
+            api_socket: dir.join("api.sock"),
+            console_log: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            metrics: dir.join("metrics.json"),
+            dir,
+        }
+    }
+}
+
+/// Owns every VM: the store, the host, the VMM backend, the per-VM locks.
+#[derive(Debug)]
+pub struct Lifecycle {
+    store: Arc<Store>,
+    config: Config,
+    procs: Arc<dyn ProcessHost>,
+    vmm: Arc<dyn Backend>,
+    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    me: Weak<Lifecycle>,
+}
+
+impl Lifecycle {
+    /// A lifecycle over the given store, host and backend.
+    pub fn new(
+        store: Arc<Store>,
+        config: Config,
+        procs: Arc<dyn ProcessHost>,
+        vmm: Arc<dyn Backend>,
+    ) -> Arc<Lifecycle> {
+        Arc::new_cyclic(|me| Lifecycle {
+            store,
+            config,
+            procs,
+            vmm,
+            locks: Mutex::new(HashMap::new()),
+            me: me.clone(),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn lock_for(&self, id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .clone()
+    }
+
+    fn forget_lock(&self, id: Uuid) {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    fn lookup(&self, key: &str) -> Result<VmRow, LifecycleError> {
+        self.store
+            .find(key)?
+            .ok_or_else(|| LifecycleError::NotFound(key.to_owned()))
+    }
+
+    /// Takes VM `key`'s lock and reads its row afresh under it.
+    async fn locked(
+        &self,
+        key: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRow), LifecycleError> {
+        let id = self.lookup(key)?.id;
+        let guard = self.lock_for(id).lock_owned().await;
+        // Re-read under the lock: the row may have moved on (or gone)
+        // while this call waited.
+        match self.store.get(id) {
+            Ok(row) => Ok((guard, row)),
+            Err(StoreError::NotFound { .. }) => Err(LifecycleError::NotFound(key.to_owned())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Validates `req` completely, then records the VM in state `created`.
+    /// Nothing is written if anything is wrong.
+    pub fn create(&self, req: CreateVmRequest) -> Result<Vm, LifecycleError> {
+        let spec = validate::create_request(&req)?;
+        let row = self.store.insert_vm(Uuid::now_v7(), &req.name, &spec)?;
+        tracing::info!(vm = %req.name, id = %row.id, "created");
+        Ok(row.to_api())
+    }
+
+    /// One VM by id or name.
+    pub fn get(&self, key: &str) -> Result<Vm, LifecycleError> {
+        Ok(self.lookup(key)?.to_api())
+    }
+
+    /// Every VM.
+    pub fn list(&self) -> Result<Vec<Vm>, LifecycleError> {
+        Ok(self.store.list()?.iter().map(VmRow::to_api).collect())
+    }
+
+    /// Events of one VM after `since`.
+    pub fn events(&self, key: &str, since: i64) -> Result<Vec<hearth_api::Event>, LifecycleError> {
+        let row = self.lookup(key)?;
+        Ok(self.store.events(Some(row.id), since, 10_000)?)
+    }
+
+    /// The runtime to drive a teardown from: the stored one, or — when the
+    /// record is corrupt — one rebuilt from the paths every VM's objects
+    /// have, so the VMM can still be found by its API socket.
+    fn teardown_runtime(&self, row: &VmRow) -> Runtime {
+        row.runtime.clone().unwrap_or_else(|_| {
+            let p = VmPaths::new(&self.config, row.id);
+            Runtime {
+                vm_dir: Some(p.dir),
+                api_socket: Some(p.api_socket),
+                metrics_path: Some(p.metrics),
+                console_log: Some(p.console_log),
+                vmm_log: Some(p.vmm_log),
+                ..Runtime::default()
+            }
+        })
+    }
+}
+
+/// True when a runtime record still names a process or a file to remove.
+pub fn holds_resources(rt: &Runtime) -> bool {
+    rt.pid.is_some() || rt.api_socket.is_some() || rt.metrics_path.is_some()
+}

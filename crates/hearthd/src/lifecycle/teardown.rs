@@ -1,0 +1,356 @@
+//! The one teardown routine, and every path that runs it: stop (normal and
+//! stale), kill, delete, the unwind of a failed start, the process watcher,
+//! and recovery at daemon start (DESIGN.md, invariant 2).
+//!
+//! Teardown is driven by the runtime record alone, removes objects in the
+//! reverse order of the start journal, treats "already gone" as success,
+//! clears each field only after its object is confirmed gone (persisting
+//! the record as it goes), and never stops at the first error: it tries
+//! every step and reports all failures together.
+
+use std::time::Duration;
+
+use hearth_api::{Runtime, Vm, VmState};
+use uuid::Uuid;
+
+use super::{Lifecycle, LifecycleError, VmPaths, error_chain, holds_resources};
+use crate::store::{Transition, VmRow};
+use crate::vmm::ApiCall;
+
+fn remove_file(path: &std::path::Path) -> Result<(), String> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("remove {}: {e}", path.display())),
+    }
+}
+
+impl Lifecycle {
+    /// Removes everything `rt` names, clearing each field (and persisting
+    /// the record at generation `generation`) once its object is gone. Returns
+    /// every failure; what failed stays named in `rt`.
+    pub(super) async fn teardown(
+        &self,
+        id: Uuid,
+        generation: u64,
+        rt: &mut Runtime,
+    ) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+
+        // The VMM process. Its pid if recorded; otherwise the process
+        // whose command line names the recorded API socket.
+        let targets = match (rt.pid, rt.pid_start_time, &rt.api_socket) {
+            (Some(pid), Some(st), _) => vec![(pid, st)],
+            (_, _, Some(sock)) => self.procs.find_by_arg(sock),
+            _ => Vec::new(),
+        };
+        let mut process_gone = true;
+        for (pid, st) in targets {
+            if let Err(e) = self.procs.kill(pid, st).await {
+                process_gone = false;
+                errors.push(error_chain(&e).join(": "));
+            }
+        }
+        if process_gone && (rt.pid.is_some() || rt.pid_start_time.is_some()) {
+            rt.pid = None;
+            rt.pid_start_time = None;
+            if let Err(e) = self.store.set_runtime(id, generation, rt) {
+                errors.push(error_chain(&e).join(": "));
+            }
+        }
+
+        // Files the VMM used. The socket is the key that finds the VMM,
+        // so it goes only once the VMM is known to be gone. Console and
+        // VMM logs stay for `hearth logs` until the VM is deleted.
+        if process_gone {
+            let mut changed = false;
+            for field in [&mut rt.api_socket, &mut rt.metrics_path] {
+                if let Some(path) = field.as_deref() {
+                    match remove_file(path) {
+                        Ok(()) => {
+                            *field = None;
+                            changed = true;
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
+            if changed && let Err(e) = self.store.set_runtime(id, generation, rt) {
+                errors.push(error_chain(&e).join(": "));
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+
+    /// Runs the teardown of a VM already in `stopping` at `generation`, then
+    /// records `stopped` (or `error` with what is left).
+    async fn finish_stop(
+        &self,
+        row: &VmRow,
+        generation: u64,
+        mut rt: Runtime,
+        reason: &str,
+    ) -> Result<Vm, LifecycleError> {
+        let teardown = self.teardown(row.id, generation, &mut rt).await;
+        let (to, last_error, result) = match teardown {
+            Ok(()) => (VmState::Stopped, None, Ok(())),
+            Err(errors) => (
+                VmState::Error,
+                Some(format!("teardown incomplete: {}", errors.join("; "))),
+                Err(errors),
+            ),
+        };
+        self.store.transition(
+            row.id,
+            generation,
+            VmState::Stopping,
+            Transition {
+                to,
+                runtime: Some(&rt),
+                last_error: Some(last_error.as_deref()),
+                reason: last_error.as_deref().unwrap_or(reason),
+            },
+        )?;
+        match result {
+            Ok(()) => {
+                tracing::info!(vm = %row.name, %reason, "stopped");
+                Ok(self.store.get(row.id)?.to_api())
+            }
+            Err(errors) => Err(LifecycleError::TeardownFailed {
+                name: row.name.clone(),
+                errors,
+            }),
+        }
+    }
+
+    fn begin_stop(&self, row: &VmRow, op: &str) -> Result<u64, LifecycleError> {
+        Ok(self.store.transition(
+            row.id,
+            row.generation,
+            row.state,
+            Transition {
+                to: VmState::Stopping,
+                runtime: None,
+                last_error: None,
+                reason: op,
+            },
+        )?)
+    }
+
+    /// Gracefully stops VM `key`: Ctrl-Alt-Del, up to `timeout` for the VMM
+    /// to exit, then SIGKILL; then teardown. A VMM that is already gone is
+    /// the stale branch: teardown only, no error.
+    pub async fn stop(&self, key: &str, timeout: Option<Duration>) -> Result<Vm, LifecycleError> {
+        let (_guard, row) = self.locked(key).await?;
+        if !row.state.can_stop() || row.corruption().is_some() {
+            return Err(LifecycleError::WrongState {
+                op: "stop",
+                name: row.name.clone(),
+                state: row.to_api().state,
+            });
+        }
+        let rt = self.teardown_runtime(&row);
+        let generation = self.begin_stop(&row, "stop")?;
+        let timeout = timeout.unwrap_or(self.config.stop_timeout());
+        let reason = match (rt.pid, rt.pid_start_time, &rt.api_socket) {
+            (Some(pid), Some(st), Some(sock)) if self.procs.is_alive(pid, st, Some(sock)) => {
+                let exited = self.procs.wait_exit(pid, st);
+                let procs = self.procs.clone();
+                let alive = move || procs.is_alive(pid, st, None);
+                let asked = async {
+                    let mut api = self
+                        .vmm
+                        .connect(sock, self.config.vmm_ready_timeout(), &alive)
+                        .await?;
+                    api.call(&ApiCall::SendCtrlAltDel).await
+                }
+                .await;
+                match asked {
+                    Err(e) => format!(
+                        "stop: Ctrl-Alt-Del failed ({}), killed",
+                        error_chain(&e).join(": ")
+                    ),
+                    Ok(()) => match tokio::time::timeout(timeout, exited).await {
+                        Ok(info) => format!("stop: guest shut down ({})", info.description),
+                        Err(_) => format!("stop: no shutdown within {timeout:?}, killed"),
+                    },
+                }
+            }
+            _ => "stop: VMM had already exited".to_owned(),
+        };
+        self.finish_stop(&row, generation, rt, &reason).await
+    }
+
+    /// Kills VM `key` now (SIGKILL), then tears down. Works on a VM with a
+    /// corrupt record too: its objects are found by their derived paths.
+    pub async fn kill(&self, key: &str) -> Result<Vm, LifecycleError> {
+        let (_guard, row) = self.locked(key).await?;
+        self.kill_locked(&row, "kill").await
+    }
+
+    async fn kill_locked(&self, row: &VmRow, op: &str) -> Result<Vm, LifecycleError> {
+        let state = row.to_api().state;
+        if !state.can_kill() {
+            return Err(LifecycleError::WrongState {
+                op: "kill",
+                name: row.name.clone(),
+                state,
+            });
+        }
+        let rt = self.teardown_runtime(row);
+        let generation = self.begin_stop(row, op)?;
+        self.finish_stop(row, generation, rt, op).await
+    }
+
+    /// Deletes VM `key`: only when it holds nothing running (`force` kills
+    /// it first). Removes its directory, then its row.
+    pub async fn delete(&self, key: &str, force: bool) -> Result<(), LifecycleError> {
+        let (_guard, mut row) = self.locked(key).await?;
+        let state = row.to_api().state;
+        if !state.can_delete() {
+            if !force {
+                return Err(LifecycleError::WrongState {
+                    op: "delete",
+                    name: row.name.clone(),
+                    state,
+                });
+            }
+            self.kill_locked(&row, "delete --force").await?;
+            row = self.store.get(row.id)?;
+        }
+        let mut rt = self.teardown_runtime(&row);
+        if holds_resources(&rt) {
+            self.teardown(row.id, row.generation, &mut rt)
+                .await
+                .map_err(|errors| LifecycleError::TeardownFailed {
+                    name: row.name.clone(),
+                    errors,
+                })?;
+        }
+        let dir = VmPaths::new(&self.config, row.id).dir;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(LifecycleError::TeardownFailed {
+                    name: row.name.clone(),
+                    errors: vec![format!("remove {}: {e}", dir.display())],
+                });
+            }
+        }
+        self.store.delete_vm(row.id, row.generation)?;
+        self.forget_lock(row.id);
+        tracing::info!(vm = %row.name, "deleted");
+        Ok(())
+    }
+
+    /// Watches VM `id`'s VMM; when it exits on its own, runs the teardown
+    /// (state `stopped`, the exit status in the event).
+    pub(super) fn watch(&self, id: Uuid, pid: u32, start_time: u64) {
+        let exited = self.procs.wait_exit(pid, start_time);
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let info = exited.await;
+            if let Some(me) = me.upgrade() {
+                me.on_vmm_exit(id, pid, start_time, &info.description).await;
+            }
+        });
+    }
+
+    async fn on_vmm_exit(&self, id: Uuid, pid: u32, start_time: u64, how: &str) {
+        let Ok((_guard, row)) = self.locked(&id.to_string()).await else {
+            return;
+        };
+        let Ok(rt) = &row.runtime else { return };
+        // Someone else (stop, kill) already dealt with this process.
+        if row.state != VmState::Running
+            || rt.pid != Some(pid)
+            || rt.pid_start_time != Some(start_time)
+        {
+            return;
+        }
+        let reason = format!("VMM {how} on its own");
+        tracing::warn!(vm = %row.name, pid, %how, "VMM exited on its own; tearing down");
+        let result = match self.begin_stop(&row, &reason) {
+            Ok(generation) => self.finish_stop(&row, generation, rt.clone(), &reason).await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::error!(vm = %row.name, error = %error_chain(&e).join(": "), "auto-stop failed");
+        }
+    }
+
+    /// Rebuilds the in-memory part of every VM from the store at daemon
+    /// start: re-adopts each running VM whose VMM is alive (pid, start time
+    /// and API socket all match), and tears down each one that is not —
+    /// including VMs caught mid-start or mid-stop by a crash.
+    pub async fn recover(&self) -> Result<RecoverReport, LifecycleError> {
+        let mut report = RecoverReport::default();
+        for row in self.store.list()? {
+            let key = row.id.to_string();
+            let Ok((_guard, row)) = self.locked(&key).await else {
+                continue;
+            };
+            if let Some(reason) = row.corruption() {
+                tracing::error!(vm = %row.name, %reason, "VM record is corrupt; reported as error");
+                report.corrupt += 1;
+                continue;
+            }
+            let rt = self.teardown_runtime(&row);
+            let alive = match (rt.pid, rt.pid_start_time, &rt.api_socket) {
+                (Some(pid), Some(st), Some(sock)) => {
+                    self.procs.is_alive(pid, st, Some(sock)).then_some((pid, st))
+                }
+                _ => None,
+            };
+            match (row.state, alive) {
+                (VmState::Running, Some((pid, st))) => {
+                    self.watch(row.id, pid, st);
+                    tracing::info!(vm = %row.name, pid, "re-adopted running VM");
+                    report.adopted += 1;
+                }
+                (VmState::Running | VmState::Starting | VmState::Stopping, _) => {
+                    let reason = match row.state {
+                        VmState::Running => "exited while hearthd was down",
+                        VmState::Starting => "start interrupted by a hearthd restart; unwound",
+                        _ => "stop interrupted by a hearthd restart; finished",
+                    };
+                    let generation = if row.state == VmState::Stopping {
+                        row.generation
+                    } else {
+                        self.begin_stop(&row, reason)?
+                    };
+                    match self.finish_stop(&row, generation, rt, reason).await {
+                        Ok(_) => report.cleaned += 1,
+                        Err(e) => {
+                            tracing::error!(vm = %row.name, error = %error_chain(&e).join(": "), "recovery teardown failed");
+                            report.failed += 1;
+                        }
+                    }
+                }
+                (VmState::Error, _) if holds_resources(&rt) => {
+                    let mut rt = rt;
+                    match self.teardown(row.id, row.generation, &mut rt).await {
+                        Ok(()) => report.cleaned += 1,
+                        Err(_) => report.failed += 1,
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// What [`Lifecycle::recover`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoverReport {
+    /// Running VMs whose VMM was alive and was re-adopted.
+    pub adopted: usize,
+    /// VMs torn down (dead VMM, interrupted start or stop, leftovers).
+    pub cleaned: usize,
+    /// VMs whose teardown failed (left in `error`, retried later).
+    pub failed: usize,
+    /// VMs whose record could not be parsed.
+    pub corrupt: usize,
+}

@@ -1,0 +1,346 @@
+//! Lifecycle against the fake host and the fake VMM: every failure branch
+//! of start unwinds, every teardown fallback is taken.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_api::{CreateVmRequest, Runtime, VmSpec, VmState};
+
+use super::*;
+use crate::host::fake::FakeProcesses;
+use crate::store::Transition;
+use crate::vmm::fake::FakeVmm;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    l: Arc<Lifecycle>,
+    procs: FakeProcesses,
+    vmm: FakeVmm,
+    spec: VmSpec,
+}
+
+fn env() -> Env {
+    let dir = tempfile::Builder::new().prefix("hearth-test-").tempdir().unwrap();
+    let config = Config {
+        state_dir: dir.path().join("state"),
+        stop_timeout_secs: 1,
+        ..Config::default()
+    };
+    let kernel = dir.path().join("vmlinux");
+    let rootfs = dir.path().join("rootfs.ext4");
+    std::fs::write(&kernel, b"k").unwrap();
+    std::fs::write(&rootfs, b"r").unwrap();
+    let store = Arc::new(Store::open(&config.db_path()).unwrap());
+    let procs = FakeProcesses::new();
+    let vmm = FakeVmm::new(procs.clone());
+    let l = Lifecycle::new(store, config, Arc::new(procs.clone()), Arc::new(vmm.clone()));
+    Env {
+        _dir: dir,
+        l,
+        procs,
+        vmm,
+        spec: VmSpec {
+            vcpus: 2,
+            memory_mib: 256,
+            kernel,
+            rootfs,
+            initrd: None,
+            kernel_args: hearth_api::DEFAULT_KERNEL_ARGS.into(),
+            capabilities: vec![],
+        },
+    }
+}
+
+impl Env {
+    fn create(&self, name: &str) -> hearth_api::Vm {
+        self.l
+            .create(CreateVmRequest {
+                name: name.into(),
+                spec: self.spec.clone(),
+            })
+            .unwrap()
+    }
+
+    fn reasons(&self, name: &str) -> Vec<String> {
+        self.l.events(name, 0).unwrap().into_iter().map(|e| e.reason).collect()
+    }
+
+    fn paths(&self, vm: &hearth_api::Vm) -> VmPaths {
+        VmPaths::new(self.l.config(), vm.id)
+    }
+}
+
+const START_CALLS: [&str; 6] = [
+    "PUT /logger",
+    "PUT /metrics",
+    "PUT /machine-config",
+    "PUT /boot-source",
+    "PUT /drives",
+    "InstanceStart",
+];
+
+#[tokio::test]
+async fn start_then_stop_runs_the_journal_and_releases_everything() {
+    let e = env();
+    let vm = e.create("a");
+    assert_eq!(vm.state, VmState::Created);
+    let vm = e.l.start("a").await.unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    assert_eq!(e.vmm.calls(), START_CALLS);
+    let pid = vm.runtime.pid.unwrap();
+    assert_eq!(e.procs.live(), vec![pid]);
+    assert!(vm.runtime.pid_start_time.is_some());
+    assert_eq!(vm.runtime.api_socket, Some(e.paths(&vm).api_socket));
+    assert!(e.paths(&vm).metrics.exists());
+
+    let vm = e.l.stop("a", None).await.unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    assert!(e.procs.live().is_empty());
+    assert!(!holds_resources(&vm.runtime), "{:?}", vm.runtime);
+    assert!(!e.paths(&vm).metrics.exists());
+    assert!(e.vmm.calls().ends_with(&["SendCtrlAltDel"]));
+    let reasons = e.reasons("a");
+    assert!(reasons.last().unwrap().contains("guest shut down"), "{reasons:?}");
+    // Restartable.
+    assert_eq!(e.l.start("a").await.unwrap().state, VmState::Running);
+    e.l.kill("a").await.unwrap();
+}
+
+#[tokio::test]
+async fn every_failing_start_step_unwinds_completely() {
+    for step in START_CALLS {
+        let e = env();
+        e.create("a");
+        e.vmm.fail_at(Some(step));
+        let err = e.l.start("a").await.unwrap_err();
+        assert!(matches!(err, LifecycleError::StartFailed { .. }), "{step}: {err}");
+        let vm = e.l.get("a").unwrap();
+        assert_eq!(vm.state, VmState::Error, "{step}");
+        assert!(vm.last_error.as_deref().unwrap().contains("injected failure"), "{step}");
+        assert!(e.procs.live().is_empty(), "{step}: VMM left running");
+        assert!(!holds_resources(&vm.runtime), "{step}: {:?}", vm.runtime);
+        assert!(!e.paths(&vm).api_socket.exists());
+        // And a start after the failure works.
+        e.vmm.fail_at(None);
+        assert_eq!(e.l.start("a").await.unwrap().state, VmState::Running, "{step}");
+        e.l.kill("a").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn spawn_and_connect_failures_unwind() {
+    let e = env();
+    e.create("a");
+    e.procs.fail_spawn(true);
+    assert!(e.l.start("a").await.is_err());
+    let vm = e.l.get("a").unwrap();
+    assert_eq!(vm.state, VmState::Error);
+    assert!(!holds_resources(&vm.runtime));
+    e.procs.fail_spawn(false);
+    e.vmm.fail_connect(true);
+    assert!(e.l.start("a").await.is_err());
+    assert!(e.procs.live().is_empty(), "a VMM whose socket never came up is killed");
+    assert!(!holds_resources(&e.l.get("a").unwrap().runtime));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn stop_of_a_vmm_that_already_died_is_teardown_only() {
+    let e = env();
+    e.create("a");
+    let pid = e.l.start("a").await.unwrap().runtime.pid.unwrap();
+    e.procs.exit(pid, "killed by signal 9");
+    // On this single-threaded runtime stop takes the VM lock before the
+    // watcher task runs: this is the stale branch, not the watcher's.
+    let vm = e.l.stop("a", None).await.unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    assert_eq!(e.reasons("a").last().unwrap(), "stop: VMM had already exited");
+    assert!(!e.vmm.calls().contains(&"SendCtrlAltDel"));
+    assert!(!holds_resources(&vm.runtime));
+}
+
+#[tokio::test]
+async fn stop_kills_a_guest_that_ignores_ctrl_alt_del() {
+    let e = env();
+    e.create("a");
+    e.l.start("a").await.unwrap();
+    e.vmm.ignore_ctrl_alt_del(true);
+    let vm = e.l.stop("a", Some(Duration::from_millis(50))).await.unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    assert!(e.reasons("a").last().unwrap().contains("killed"));
+    assert!(e.procs.live().is_empty());
+}
+
+#[tokio::test]
+async fn watcher_tears_down_a_vmm_that_exits_on_its_own() {
+    let e = env();
+    e.create("a");
+    let pid = e.l.start("a").await.unwrap().runtime.pid.unwrap();
+    e.procs.exit(pid, "exited with status 3");
+    for _ in 0..200 {
+        if e.l.get("a").unwrap().state == VmState::Stopped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let vm = e.l.get("a").unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    assert!(!holds_resources(&vm.runtime));
+    let reasons = e.reasons("a");
+    assert!(
+        reasons.iter().any(|r| r == "VMM exited with status 3 on its own"),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_states_are_refused_and_force_delete_kills() {
+    let e = env();
+    e.create("a");
+    assert!(matches!(
+        e.l.stop("a", None).await,
+        Err(LifecycleError::WrongState { op: "stop", .. })
+    ));
+    e.l.start("a").await.unwrap();
+    assert!(matches!(
+        e.l.start("a").await,
+        Err(LifecycleError::WrongState { op: "start", .. })
+    ));
+    assert!(matches!(
+        e.l.delete("a", false).await,
+        Err(LifecycleError::WrongState { op: "delete", .. })
+    ));
+    assert!(matches!(
+        e.l.start("nope").await,
+        Err(LifecycleError::NotFound(_))
+    ));
+    let dir = e.paths(&e.l.get("a").unwrap()).dir;
+    assert!(dir.exists());
+    e.l.delete("a", true).await.unwrap();
+    assert!(e.procs.live().is_empty());
+    assert!(!dir.exists());
+    assert!(matches!(e.l.get("a"), Err(LifecycleError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn failed_teardown_keeps_the_record_and_is_retried() {
+    let e = env();
+    e.create("a");
+    let pid = e.l.start("a").await.unwrap().runtime.pid.unwrap();
+    e.procs.fail_kill(true);
+    let err = e.l.kill("a").await.unwrap_err();
+    assert!(matches!(err, LifecycleError::TeardownFailed { .. }), "{err}");
+    let vm = e.l.get("a").unwrap();
+    assert_eq!(vm.state, VmState::Error);
+    assert_eq!(vm.runtime.pid, Some(pid), "the pid is not forgotten");
+    assert!(vm.runtime.api_socket.is_some(), "nor the key that finds it");
+    e.procs.fail_kill(false);
+    // Delete retries the teardown.
+    e.l.delete("a", false).await.unwrap();
+    assert!(e.procs.live().is_empty());
+}
+
+/// The crash this design exists for: the daemon died after spawning the
+/// VMM but before recording its pid. The record names the API socket, so
+/// recovery still finds and kills the VMM.
+#[tokio::test]
+async fn recovery_finds_a_vmm_whose_pid_was_never_recorded() {
+    let e = env();
+    let vm = e.create("a");
+    let p = e.paths(&vm);
+    std::fs::create_dir_all(&p.dir).unwrap();
+    let rt = Runtime {
+        vm_dir: Some(p.dir.clone()),
+        api_socket: Some(p.api_socket.clone()),
+        ..Runtime::default()
+    };
+    e.l.store()
+        .transition(
+            vm.id,
+            vm.generation,
+            VmState::Created,
+            Transition {
+                to: VmState::Starting,
+                runtime: Some(&rt),
+                last_error: None,
+                reason: "start",
+            },
+        )
+        .unwrap();
+    let (prog, args) = crate::vmm::Backend::command(&e.vmm, &p.api_socket, "x");
+    let (orphan, _) = e
+        .procs
+        .spawn(&crate::host::SpawnSpec {
+            program: prog,
+            args,
+            console_log: p.console_log.clone(),
+        })
+        .unwrap();
+    let report = e.l.recover().await.unwrap();
+    assert_eq!(report.cleaned, 1);
+    assert!(!e.procs.live().contains(&orphan));
+    let vm = e.l.get("a").unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    assert!(!holds_resources(&vm.runtime));
+}
+
+#[tokio::test]
+async fn recovery_adopts_live_vmms_and_cleans_dead_ones() {
+    let e = env();
+    e.create("live");
+    e.create("dead");
+    let live = e.l.start("live").await.unwrap();
+    let dead = e.l.start("dead").await.unwrap();
+    // A new daemon over the same store and the same (fake) kernel.
+    let l2 = Lifecycle::new(
+        Arc::new(Store::open(&e.l.config().db_path()).unwrap()),
+        e.l.config().clone(),
+        Arc::new(e.procs.clone()),
+        Arc::new(e.vmm.clone()),
+    );
+    e.procs.exit(dead.runtime.pid.unwrap(), "killed by signal 9");
+    let report = l2.recover().await.unwrap();
+    assert_eq!((report.adopted, report.cleaned), (1, 1));
+    let l = l2.get("live").unwrap();
+    assert_eq!(l.state, VmState::Running);
+    assert_eq!(l.runtime.pid, live.runtime.pid);
+    let d = l2.get("dead").unwrap();
+    assert_eq!(d.state, VmState::Stopped);
+    assert_eq!(
+        l2.events("dead", 0).unwrap().last().unwrap().reason,
+        "exited while hearthd was down"
+    );
+    // The re-adopted VM is watched by the new daemon.
+    e.procs.exit(live.runtime.pid.unwrap(), "exited with status 0");
+    for _ in 0..200 {
+        if l2.get("live").unwrap().state == VmState::Stopped {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("re-adopted VM's exit was not noticed");
+}
+
+#[tokio::test]
+async fn corrupt_runtime_is_an_error_vm_that_kill_still_cleans() {
+    let e = env();
+    e.create("bad");
+    e.create("good");
+    let bad = e.l.start("bad").await.unwrap();
+    let pid = bad.runtime.pid.unwrap();
+    e.l.store().corrupt_runtime_for_test(bad.id, "{\"pid\": ").unwrap();
+    let vm = e.l.get("bad").unwrap();
+    assert_eq!(vm.state, VmState::Error);
+    assert!(vm.last_error.unwrap().contains("corrupt runtime record"));
+    // The other VM is unaffected.
+    assert_eq!(e.l.start("good").await.unwrap().state, VmState::Running);
+    assert!(matches!(
+        e.l.start("bad").await,
+        Err(LifecycleError::Corrupt { .. })
+    ));
+    assert_eq!(e.l.recover().await.unwrap().corrupt, 1);
+    // Kill finds the VMM by its derived API socket path.
+    let vm = e.l.kill("bad").await.unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    assert!(!e.procs.live().contains(&pid));
+    e.l.kill("good").await.unwrap();
+}

@@ -1,0 +1,532 @@
+//! The store: SQLite, the only source of truth for what hearth owns.
+//!
+//! Every kernel object and process a VM holds is named in its row's runtime
+//! JSON before it is created (DESIGN.md, invariant 1), so the store has to
+//! be the one durable thing: the daemon's memory is rebuilt from it at
+//! start, never the other way round.
+//!
+//! Writes that change a VM's state are guarded by its generation number:
+//! `UPDATE … WHERE generation = ?` fails if anyone moved the VM on since the
+//! caller read it, so a late writer (a poller holding an old snapshot, say)
+//! can never overwrite a newer state. Every state change appends an event in
+//! the same transaction.
+//!
+//! The connection lives behind a `std::sync::Mutex`: every statement is a
+//! few microseconds to a millisecond, far shorter than an async hop would
+//! save, and SQLite allows one writer anyway.
+
+mod migrations;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hearth_api::{Event, Runtime, Vm, VmSpec, VmState};
+use rusqlite::{Connection, OptionalExtension, params};
+use uuid::Uuid;
+
+pub use migrations::SCHEMA_VERSION;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused or failed.
+    #[error("database error in {op}")]
+    Sqlite {
+        /// What the store was doing.
+        op: &'static str,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer hearthd.
+    #[error(
+        "store {} has schema version {found}, newer than this hearthd knows ({known}); refusing to touch it (upgrade hearthd)",
+        path.display()
+    )]
+    SchemaTooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Version in the file.
+        found: i64,
+        /// Newest version this binary knows.
+        known: i64,
+    },
+    /// Creating the store's directory failed.
+    #[error("cannot create store directory {}", path.display())]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another VM has this name.
+    #[error("a VM named {name:?} already exists")]
+    NameTaken {
+        /// The name.
+        name: String,
+    },
+    /// No VM with this id.
+    #[error("no VM with id {id}")]
+    NotFound {
+        /// The id.
+        id: Uuid,
+    },
+    /// The VM changed since the caller read it.
+    #[error("VM {id} changed concurrently (expected generation {expected})")]
+    StaleGeneration {
+        /// The VM.
+        id: Uuid,
+        /// The generation the caller read.
+        expected: u64,
+    },
+    /// A JSON column could not be written.
+    #[error("cannot encode {what}")]
+    Encode {
+        /// Which column.
+        what: &'static str,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { op, source }
+}
+
+/// One row of `vms`, as read. The JSON columns are kept as parse results so
+/// that one corrupt row never stops the daemon: such a VM is reported in
+/// state `error` with the parse error, and the others work.
+#[derive(Debug, Clone)]
+pub struct VmRow {
+    /// Primary key.
+    pub id: Uuid,
+    /// Unique name.
+    pub name: String,
+    /// Parsed spec, or why it could not be parsed.
+    pub spec: Result<VmSpec, String>,
+    /// State as stored.
+    pub state: VmState,
+    /// Generation as stored.
+    pub generation: u64,
+    /// Parsed runtime, or why it could not be parsed.
+    pub runtime: Result<Runtime, String>,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    /// Unix ms.
+    pub updated_at_ms: i64,
+    /// Why the last operation failed.
+    pub last_error: Option<String>,
+}
+
+impl VmRow {
+    /// The runtime, or an empty one when the stored JSON is corrupt.
+    pub fn runtime_or_default(&self) -> Runtime {
+        self.runtime.clone().unwrap_or_default()
+    }
+
+    /// Why this row cannot be used as stored, if it cannot.
+    pub fn corruption(&self) -> Option<String> {
+        let mut why = Vec::new();
+        if let Err(e) = &self.spec {
+            why.push(format!("corrupt spec record: {e}"));
+        }
+        if let Err(e) = &self.runtime {
+            why.push(format!("corrupt runtime record: {e}"));
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+
+    /// The API view. A corrupt row is reported in state `error` with the
+    /// parse error as its last error.
+    pub fn to_api(&self) -> Vm {
+        let corruption = self.corruption();
+        Vm {
+            id: self.id,
+            name: self.name.clone(),
+            spec: self.spec.clone().unwrap_or_else(|_| VmSpec {
+                vcpus: 0,
+                memory_mib: 0,
+                kernel: PathBuf::new(),
+                rootfs: PathBuf::new(),
+                initrd: None,
+                kernel_args: String::new(),
+                capabilities: Vec::new(),
+            }),
+            state: if corruption.is_some() {
+                VmState::Error
+            } else {
+                self.state
+            },
+            generation: self.generation,
+            runtime: self.runtime_or_default(),
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            last_error: corruption.or_else(|| self.last_error.clone()),
+        }
+    }
+}
+
+/// A state change, applied atomically with its event.
+#[derive(Debug)]
+pub struct Transition<'a> {
+    /// The new state.
+    pub to: VmState,
+    /// The runtime to store with it (`None`: leave as is).
+    pub runtime: Option<&'a Runtime>,
+    /// The last error to store (`None`: leave as is; `Some(None)`: clear).
+    pub last_error: Option<Option<&'a str>>,
+    /// Why, for the event log.
+    pub reason: &'a str,
+}
+
+/// The SQLite store.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const ROW_COLUMNS: &str =
+    "id, name, spec, state, generation, runtime, created_at, updated_at, last_error";
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
+    let id: String = r.get(0)?;
+    let spec: String = r.get(2)?;
+    let state: String = r.get(3)?;
+    let runtime: String = r.get(5)?;
+    let mut last_error: Option<String> = r.get(8)?;
+    let state = VmState::parse(&state).unwrap_or_else(|| {
+        last_error = Some(format!("unknown state {state:?} in the store"));
+        VmState::Error
+    });
+    Ok(VmRow {
+        id: Uuid::parse_str(&id).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        name: r.get(1)?,
+        spec: serde_json::from_str(&spec).map_err(|e| e.to_string()),
+        state,
+        generation: r.get::<_, i64>(4)? as u64,
+        runtime: serde_json::from_str(&runtime).map_err(|e| e.to_string()),
+        created_at_ms: r.get(6)?,
+        updated_at_ms: r.get(7)?,
+        last_error,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path` and brings its schema
+    /// up to date. A schema newer than this binary knows is refused.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let mut conn = Connection::open(path).map_err(sql("open"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql("busy_timeout"))?;
+        // WAL: readers never block the writer, and a commit is one append.
+        // synchronous=NORMAL: in WAL mode a commit survives any crash of
+        // *this process* (the promise hearth makes about the daemon); only
+        // a power loss or kernel crash can lose the last commits, and then
+        // every tap, rule, loop device and VMM process those commits could
+        // have named is gone with the kernel too, while files under a VM
+        // dir without a row are found by the orphan sweep. FULL would add an
+        // fsync to every journal step of every start for no such case.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql("journal_mode"))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql("synchronous"))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(sql("foreign_keys"))?;
+        migrations::apply(&mut conn, path)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (an open transaction is rolled back when dropped), so poisoning
+        // carries no information here.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Inserts a new VM in state `created`, with its first event.
+    pub fn insert_vm(&self, id: Uuid, name: &str, spec: &VmSpec) -> Result<VmRow, StoreError> {
+        let spec_json = serde_json::to_string(spec).map_err(|source| StoreError::Encode {
+            what: "spec",
+            source,
+        })?;
+        let now = now_ms();
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        let inserted = tx.execute(
+            "INSERT INTO vms (id, name, spec, state, generation, runtime, created_at, updated_at)
+             VALUES (?1, ?2, ?3, 'created', 1, '{}', ?4, ?4)",
+            params![id.to_string(), name, spec_json, now],
+        );
+        match inserted {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(StoreError::NameTaken { name: name.into() });
+            }
+            Err(e) => return Err(sql("insert vm")(e)),
+        }
+        tx.execute(
+            "INSERT INTO events (vm_id, at, from_state, to_state, generation, reason)
+             VALUES (?1, ?2, NULL, 'created', 1, 'create')",
+            params![id.to_string(), now],
+        )
+        .map_err(sql("insert event"))?;
+        tx.commit().map_err(sql("commit"))?;
+        Ok(VmRow {
+            id,
+            name: name.to_owned(),
+            spec: Ok(spec.clone()),
+            state: VmState::Created,
+            generation: 1,
+            runtime: Ok(Runtime::default()),
+            created_at_ms: now,
+            updated_at_ms: now,
+            last_error: None,
+        })
+    }
+
+    /// One VM by id.
+    pub fn get(&self, id: Uuid) -> Result<VmRow, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {ROW_COLUMNS} FROM vms WHERE id = ?1"),
+                [id.to_string()],
+                read_row,
+            )
+            .optional()
+            .map_err(sql("get vm"))?
+            .ok_or(StoreError::NotFound { id })
+    }
+
+    /// One VM by id or name.
+    pub fn find(&self, id_or_name: &str) -> Result<Option<VmRow>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {ROW_COLUMNS} FROM vms WHERE id = ?1 OR name = ?1"),
+                [id_or_name],
+                read_row,
+            )
+            .optional()
+            .map_err(sql("find vm"))
+    }
+
+    /// Every VM, oldest first.
+    pub fn list(&self) -> Result<Vec<VmRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM vms ORDER BY id"))
+            .map_err(sql("list vms"))?;
+        let rows = stmt
+            .query_map([], read_row)
+            .map_err(sql("list vms"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql("list vms"))?;
+        Ok(rows)
+    }
+
+    /// Applies a state change if the VM is still at `expected` generation;
+    /// returns the new generation. The event is appended in the same
+    /// transaction.
+    pub fn transition(
+        &self,
+        id: Uuid,
+        expected: u64,
+        from: VmState,
+        t: Transition<'_>,
+    ) -> Result<u64, StoreError> {
+        let runtime = t
+            .runtime
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|source| StoreError::Encode {
+                what: "runtime",
+                source,
+            })?;
+        let now = now_ms();
+        let next = expected + 1;
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        let changed = tx
+            .execute(
+                "UPDATE vms SET state = ?1, generation = ?2, updated_at = ?3,
+                        runtime = COALESCE(?4, runtime),
+                        last_error = CASE WHEN ?5 THEN ?6 ELSE last_error END
+                 WHERE id = ?7 AND generation = ?8",
+                params![
+                    t.to.as_str(),
+                    next as i64,
+                    now,
+                    runtime,
+                    t.last_error.is_some(),
+                    t.last_error.flatten(),
+                    id.to_string(),
+                    expected as i64
+                ],
+            )
+            .map_err(sql("update state"))?;
+        if changed == 0 {
+            return Err(self.missing_or_stale(&tx, id, expected));
+        }
+        tx.execute(
+            "INSERT INTO events (vm_id, at, from_state, to_state, generation, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                id.to_string(),
+                now,
+                from.as_str(),
+                t.to.as_str(),
+                next as i64,
+                t.reason
+            ],
+        )
+        .map_err(sql("insert event"))?;
+        tx.commit().map_err(sql("commit"))?;
+        Ok(next)
+    }
+
+    /// Writes a journal step's output without a state change. Guarded by
+    /// the generation like a transition, but does not bump it.
+    pub fn set_runtime(&self, id: Uuid, expected: u64, rt: &Runtime) -> Result<(), StoreError> {
+        let json = serde_json::to_string(rt).map_err(|source| StoreError::Encode {
+            what: "runtime",
+            source,
+        })?;
+        let conn = self.conn();
+        let changed = conn
+            .execute(
+                "UPDATE vms SET runtime = ?1, updated_at = ?2 WHERE id = ?3 AND generation = ?4",
+                params![json, now_ms(), id.to_string(), expected as i64],
+            )
+            .map_err(sql("update runtime"))?;
+        if changed == 0 {
+            return Err(self.missing_or_stale(&conn, id, expected));
+        }
+        Ok(())
+    }
+
+    /// Removes a VM row if it is still at `expected` generation. Its events
+    /// stay: the log is append-only.
+    pub fn delete_vm(&self, id: Uuid, expected: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        let changed = tx
+            .execute(
+                "DELETE FROM vms WHERE id = ?1 AND generation = ?2",
+                params![id.to_string(), expected as i64],
+            )
+            .map_err(sql("delete vm"))?;
+        if changed == 0 {
+            return Err(self.missing_or_stale(&tx, id, expected));
+        }
+        tx.execute(
+            "INSERT INTO events (vm_id, at, from_state, to_state, generation, reason)
+             VALUES (?1, ?2, NULL, 'stopped', ?3, 'deleted')",
+            params![id.to_string(), now_ms(), expected as i64],
+        )
+        .map_err(sql("insert event"))?;
+        tx.commit().map_err(sql("commit"))?;
+        Ok(())
+    }
+
+    fn missing_or_stale(&self, conn: &Connection, id: Uuid, expected: u64) -> StoreError {
+        let exists = conn
+            .query_row(
+                "SELECT 1 FROM vms WHERE id = ?1",
+                [id.to_string()],
+                |_| Ok(()),
+            )
+            .optional();
+        match exists {
+            Ok(Some(())) => StoreError::StaleGeneration { id, expected },
+            Ok(None) => StoreError::NotFound { id },
+            Err(e) => sql("check vm")(e),
+        }
+    }
+
+    /// Events of one VM (or all), after `since`, oldest first.
+    pub fn events(&self, vm: Option<Uuid>, since: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, vm_id, at, from_state, to_state, generation, reason FROM events
+                 WHERE seq > ?1 AND (?2 IS NULL OR vm_id = ?2) ORDER BY seq LIMIT ?3",
+            )
+            .map_err(sql("list events"))?;
+        let rows = stmt
+            .query_map(
+                params![since, vm.map(|v| v.to_string()), limit],
+                |r| {
+                    let vm_id: String = r.get(1)?;
+                    let from: Option<String> = r.get(3)?;
+                    let to: String = r.get(4)?;
+                    Ok(Event {
+                        seq: r.get(0)?,
+                        vm_id: Uuid::parse_str(&vm_id).unwrap_or_default(),
+                        at_ms: r.get(2)?,
+                        from: from.as_deref().and_then(VmState::parse),
+                        to: VmState::parse(&to).unwrap_or(VmState::Error),
+                        generation: r.get::<_, i64>(5)? as u64,
+                        reason: r.get(6)?,
+                    })
+                },
+            )
+            .map_err(sql("list events"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql("list events"))?;
+        Ok(rows)
+    }
+
+    /// `PRAGMA integrity_check`: `Ok(())` or the problems SQLite lists.
+    pub fn integrity_check(&self) -> Result<Result<(), String>, StoreError> {
+        let conn = self.conn();
+        let out: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(sql("integrity_check"))?;
+        Ok(if out == "ok" { Ok(()) } else { Err(out) })
+    }
+
+    /// Overwrites one row's runtime column with raw text. Only for tests of
+    /// corrupt records.
+    #[doc(hidden)]
+    pub fn corrupt_runtime_for_test(&self, id: Uuid, raw: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE vms SET runtime = ?1 WHERE id = ?2",
+                params![raw, id.to_string()],
+            )
+            .map_err(sql("corrupt runtime"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
