@@ -208,8 +208,29 @@ mod tests {
     }
 
     #[test]
+    fn the_sample_config_is_the_defaults() {
+        let text = include_str!("../../../contrib/hearth.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn long_state_dirs_are_refused() {
+        let mut c = Config::default();
+        assert!(c.check_paths().is_ok());
+        c.state_dir = PathBuf::from(format!("/{}", "x".repeat(60)));
+        assert!(matches!(
+            c.check_paths(),
+            Err(ConfigError::Invalid {
+                key: "state_dir",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn keys_parse_and_unknown_keys_are_refused() {
-        let c = Config::from_toml("state_dir = \"/tmp/hearth-x\"\nstop_timeout_secs = 3\n").unwrap();
+        let c =
+            Config::from_toml("state_dir = \"/tmp/hearth-x\"\nstop_timeout_secs = 3\n").unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/tmp/hearth-x"));
         assert_eq!(c.stop_timeout(), Duration::from_secs(3));
         assert!(matches!(
@@ -218,7 +239,10 @@ mod tests {
         ));
         assert!(matches!(
             Config::from_toml("state_dir = \"rel\""),
-            Err(ConfigError::Invalid { key: "state_dir", .. })
+            Err(ConfigError::Invalid {
+                key: "state_dir",
+                ..
+            })
         ));
     }
 }

@@ -50,8 +50,8 @@ async fn claim_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::Unix
         tracing::info!(socket = %path.display(), "removing stale socket left by a dead daemon");
         std::fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("bind {}", path.display()))?;
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod {}", path.display()))?;
     Ok(listener)

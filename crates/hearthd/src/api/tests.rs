@@ -16,7 +16,10 @@ use crate::store::Store;
 use crate::vmm::fake::FakeVmm;
 
 fn app() -> (tempfile::TempDir, Router) {
-    let dir = tempfile::Builder::new().prefix("hearth-test-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("hearth-test-")
+        .tempdir()
+        .unwrap();
     let config = Config {
         state_dir: dir.path().join("state"),
         ..Config::default()
@@ -32,7 +35,12 @@ fn app() -> (tempfile::TempDir, Router) {
     (dir, router(l))
 }
 
-async fn call(app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, serde_json::Value) {
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+) -> (StatusCode, serde_json::Value) {
     let req = Request::builder()
         .method(method)
         .uri(uri)
@@ -47,8 +55,11 @@ async fn call(app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode,
 }
 
 fn openapi_routes() -> BTreeSet<(String, String)> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json"))
-        .expect("docs/openapi.json");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/openapi.json"
+    ))
+    .expect("docs/openapi.json");
     let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut out = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
@@ -88,10 +99,16 @@ async fn every_documented_route_is_served() {
 async fn errors_map_to_documented_statuses() {
     let (dir, app) = app();
     let (s, b) = call(&app, "GET", "/v1/vms/ghost", "").await;
-    assert_eq!((s, b["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
     assert!(b["message"].as_str().unwrap().contains("ghost"));
     let (s, b) = call(&app, "POST", "/v1/vms", "{not json").await;
-    assert_eq!((s, b["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_request"))
+    );
     let k = dir.path().join("k");
     std::fs::write(&k, "k").unwrap();
     let body = |name: &str, vcpus: u8| {
@@ -99,12 +116,18 @@ async fn errors_map_to_documented_statuses() {
     };
     let (s, b) = call(&app, "POST", "/v1/vms", &body("a", 3)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert!(b["message"].as_str().unwrap().starts_with("invalid vcpus"), "{b}");
+    assert!(
+        b["message"].as_str().unwrap().starts_with("invalid vcpus"),
+        "{b}"
+    );
     let (s, b) = call(&app, "POST", "/v1/vms", &body("a", 1)).await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
     assert_eq!(b["state"], "created");
     let (s, b) = call(&app, "POST", "/v1/vms", &body("a", 1)).await;
-    assert_eq!((s, b["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")));
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (StatusCode::CONFLICT, Some("conflict"))
+    );
     let (s, _) = call(&app, "POST", "/v1/vms/a/stop", "").await;
     assert_eq!(s, StatusCode::CONFLICT);
     let (s, b) = call(&app, "POST", "/v1/vms/a/stop", "{\"bogus\":1}").await;

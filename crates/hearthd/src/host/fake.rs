@@ -161,7 +161,11 @@ impl ProcessHost for FakeProcesses {
                     description: "exited (status unknown)".into(),
                 };
             };
-            let how = rx.wait_for(Option::is_some).await.ok().and_then(|v| v.clone());
+            let how = rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|v| v.clone());
             ExitInfo {
                 description: how.unwrap_or_else(|| "exited".into()),
             }

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use rustix::process::{Pid, PidfdFlags, Signal, WaitIdOptions, WaitId};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 use tokio::io::unix::AsyncFd;
 
 /// Why a process operation failed.
@@ -205,10 +205,12 @@ impl ProcessHost for LinuxProcesses {
                 path: spec.console_log.clone(),
                 source,
             })?;
-        let console_err = console.try_clone().map_err(|source| ProcessError::Console {
-            path: spec.console_log.clone(),
-            source,
-        })?;
+        let console_err = console
+            .try_clone()
+            .map_err(|source| ProcessError::Console {
+                path: spec.console_log.clone(),
+                source,
+            })?;
         let mut cmd = Command::new(&spec.program);
         cmd.args(&spec.args)
             .stdin(Stdio::null())
@@ -326,7 +328,10 @@ mod tests {
 
     #[tokio::test]
     async fn spawn_in_own_session_then_kill_and_reap() {
-        let dir = tempfile::Builder::new().prefix("hearth-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("hearth-test-")
+            .tempdir()
+            .unwrap();
         let marker = dir.path().join("marker-arg");
         let log = dir.path().join("console.log");
         std::fs::write(&marker, "hi\n").unwrap();
@@ -355,7 +360,10 @@ mod tests {
 
     #[tokio::test]
     async fn watcher_reports_exit_status() {
-        let dir = tempfile::Builder::new().prefix("hearth-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("hearth-test-")
+            .tempdir()
+            .unwrap();
         let host = LinuxProcesses;
         let (pid, st) = host
             .spawn(&SpawnSpec {

@@ -46,7 +46,10 @@ mod tests {
 
     #[test]
     fn tail_counts_lines_from_the_end() {
-        let d = tempfile::Builder::new().prefix("hearth-test-").tempdir().unwrap();
+        let d = tempfile::Builder::new()
+            .prefix("hearth-test-")
+            .tempdir()
+            .unwrap();
         let p = d.path().join("console.log");
         assert_eq!(tail_bytes(&p, Some(2)).unwrap(), (vec![], 0));
         std::fs::write(&p, "a\nb\nc\n").unwrap();

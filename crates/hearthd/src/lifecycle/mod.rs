@@ -59,7 +59,9 @@ pub enum LifecycleError {
     },
     /// The VM's record cannot be parsed, so the operation cannot be
     /// planned from it. `kill` and `rm --force` still work.
-    #[error("VM {name} has a corrupt record ({reason}); `hearth kill` or `hearth rm --force` cleans it up")]
+    #[error(
+        "VM {name} has a corrupt record ({reason}); `hearth kill` or `hearth rm --force` cleans it up"
+    )]
     Corrupt {
         /// The VM.
         name: String,
@@ -71,9 +73,9 @@ pub enum LifecycleError {
     StartFailed {
         /// The VM.
         name: String,
-        /// The step's error.
+        /// The step's error (boxed: it is large and rare).
         #[source]
-        source: StepError,
+        source: Box<StepError>,
     },
     /// Some teardown steps failed; what is left is still named in the
     /// VM's runtime record and the next stop, kill or delete retries.

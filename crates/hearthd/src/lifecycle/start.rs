@@ -80,7 +80,9 @@ impl Lifecycle {
                 reason: "start",
             },
         )?;
-        let steps = self.start_steps(id, generation, &spec, &paths, &mut rt).await;
+        let steps = self
+            .start_steps(id, generation, &spec, &paths, &mut rt)
+            .await;
         let result = match steps {
             Ok(()) => {
                 rt.started_at_ms = Some(now_ms());
@@ -131,7 +133,7 @@ impl Lifecycle {
                 )?;
                 Err(LifecycleError::StartFailed {
                     name,
-                    source: step,
+                    source: Box::new(step),
                 })
             }
         }
@@ -155,7 +157,9 @@ impl Lifecycle {
         rt.metrics_path = Some(paths.metrics.clone());
         self.store.set_runtime(id, generation, rt)?;
         match std::fs::remove_file(&paths.api_socket) {
-            Ok(()) => tracing::info!(socket = %paths.api_socket.display(), "removed a stale API socket"),
+            Ok(()) => {
+                tracing::info!(socket = %paths.api_socket.display(), "removed a stale API socket")
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io("remove stale API socket", &paths.api_socket)(e)),
         }

@@ -79,7 +79,11 @@ impl Lifecycle {
                 errors.push(error_chain(&e).join(": "));
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 
     /// Runs the teardown of a VM already in `stopping` at `generation`, then
@@ -272,7 +276,10 @@ impl Lifecycle {
         let reason = format!("VMM {how} on its own");
         tracing::warn!(vm = %row.name, pid, %how, "VMM exited on its own; tearing down");
         let result = match self.begin_stop(&row, &reason) {
-            Ok(generation) => self.finish_stop(&row, generation, rt.clone(), &reason).await.map(drop),
+            Ok(generation) => self
+                .finish_stop(&row, generation, rt.clone(), &reason)
+                .await
+                .map(drop),
             Err(e) => Err(e),
         };
         if let Err(e) = result {
@@ -298,9 +305,10 @@ impl Lifecycle {
             }
             let rt = self.teardown_runtime(&row);
             let alive = match (rt.pid, rt.pid_start_time, &rt.api_socket) {
-                (Some(pid), Some(st), Some(sock)) => {
-                    self.procs.is_alive(pid, st, Some(sock)).then_some((pid, st))
-                }
+                (Some(pid), Some(st), Some(sock)) => self
+                    .procs
+                    .is_alive(pid, st, Some(sock))
+                    .then_some((pid, st)),
                 _ => None,
             };
             match (row.state, alive) {

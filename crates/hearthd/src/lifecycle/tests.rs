@@ -20,7 +20,10 @@ struct Env {
 }
 
 fn env() -> Env {
-    let dir = tempfile::Builder::new().prefix("hearth-test-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("hearth-test-")
+        .tempdir()
+        .unwrap();
     let config = Config {
         state_dir: dir.path().join("state"),
         stop_timeout_secs: 1,
@@ -33,7 +36,12 @@ fn env() -> Env {
     let store = Arc::new(Store::open(&config.db_path()).unwrap());
     let procs = FakeProcesses::new();
     let vmm = FakeVmm::new(procs.clone());
-    let l = Lifecycle::new(store, config, Arc::new(procs.clone()), Arc::new(vmm.clone()));
+    let l = Lifecycle::new(
+        store,
+        config,
+        Arc::new(procs.clone()),
+        Arc::new(vmm.clone()),
+    );
     Env {
         _dir: dir,
         l,
@@ -52,7 +60,7 @@ fn env() -> Env {
 }
 
 impl Env {
-    fn create(&self, name: &str) -> hearth_api::Vm {
+    fn create(&self, name: &str) -> Vm {
         self.l
             .create(CreateVmRequest {
                 name: name.into(),
@@ -62,10 +70,15 @@ impl Env {
     }
 
     fn reasons(&self, name: &str) -> Vec<String> {
-        self.l.events(name, 0).unwrap().into_iter().map(|e| e.reason).collect()
+        self.l
+            .events(name, 0)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.reason)
+            .collect()
     }
 
-    fn paths(&self, vm: &hearth_api::Vm) -> VmPaths {
+    fn paths(&self, vm: &Vm) -> VmPaths {
         VmPaths::new(self.l.config(), vm.id)
     }
 }
@@ -100,7 +113,10 @@ async fn start_then_stop_runs_the_journal_and_releases_everything() {
     assert!(!e.paths(&vm).metrics.exists());
     assert!(e.vmm.calls().ends_with(&["SendCtrlAltDel"]));
     let reasons = e.reasons("a");
-    assert!(reasons.last().unwrap().contains("guest shut down"), "{reasons:?}");
+    assert!(
+        reasons.last().unwrap().contains("guest shut down"),
+        "{reasons:?}"
+    );
     // Restartable.
     assert_eq!(e.l.start("a").await.unwrap().state, VmState::Running);
     e.l.kill("a").await.unwrap();
@@ -113,16 +129,29 @@ async fn every_failing_start_step_unwinds_completely() {
         e.create("a");
         e.vmm.fail_at(Some(step));
         let err = e.l.start("a").await.unwrap_err();
-        assert!(matches!(err, LifecycleError::StartFailed { .. }), "{step}: {err}");
+        assert!(
+            matches!(err, LifecycleError::StartFailed { .. }),
+            "{step}: {err}"
+        );
         let vm = e.l.get("a").unwrap();
         assert_eq!(vm.state, VmState::Error, "{step}");
-        assert!(vm.last_error.as_deref().unwrap().contains("injected failure"), "{step}");
+        assert!(
+            vm.last_error
+                .as_deref()
+                .unwrap()
+                .contains("injected failure"),
+            "{step}"
+        );
         assert!(e.procs.live().is_empty(), "{step}: VMM left running");
         assert!(!holds_resources(&vm.runtime), "{step}: {:?}", vm.runtime);
         assert!(!e.paths(&vm).api_socket.exists());
         // And a start after the failure works.
         e.vmm.fail_at(None);
-        assert_eq!(e.l.start("a").await.unwrap().state, VmState::Running, "{step}");
+        assert_eq!(
+            e.l.start("a").await.unwrap().state,
+            VmState::Running,
+            "{step}"
+        );
         e.l.kill("a").await.unwrap();
     }
 }
@@ -139,7 +168,10 @@ async fn spawn_and_connect_failures_unwind() {
     e.procs.fail_spawn(false);
     e.vmm.fail_connect(true);
     assert!(e.l.start("a").await.is_err());
-    assert!(e.procs.live().is_empty(), "a VMM whose socket never came up is killed");
+    assert!(
+        e.procs.live().is_empty(),
+        "a VMM whose socket never came up is killed"
+    );
     assert!(!holds_resources(&e.l.get("a").unwrap().runtime));
 }
 
@@ -153,7 +185,10 @@ async fn stop_of_a_vmm_that_already_died_is_teardown_only() {
     // watcher task runs: this is the stale branch, not the watcher's.
     let vm = e.l.stop("a", None).await.unwrap();
     assert_eq!(vm.state, VmState::Stopped);
-    assert_eq!(e.reasons("a").last().unwrap(), "stop: VMM had already exited");
+    assert_eq!(
+        e.reasons("a").last().unwrap(),
+        "stop: VMM had already exited"
+    );
     assert!(!e.vmm.calls().contains(&"SendCtrlAltDel"));
     assert!(!holds_resources(&vm.runtime));
 }
@@ -164,7 +199,10 @@ async fn stop_kills_a_guest_that_ignores_ctrl_alt_del() {
     e.create("a");
     e.l.start("a").await.unwrap();
     e.vmm.ignore_ctrl_alt_del(true);
-    let vm = e.l.stop("a", Some(Duration::from_millis(50))).await.unwrap();
+    let vm =
+        e.l.stop("a", Some(Duration::from_millis(50)))
+            .await
+            .unwrap();
     assert_eq!(vm.state, VmState::Stopped);
     assert!(e.reasons("a").last().unwrap().contains("killed"));
     assert!(e.procs.live().is_empty());
@@ -187,7 +225,9 @@ async fn watcher_tears_down_a_vmm_that_exits_on_its_own() {
     assert!(!holds_resources(&vm.runtime));
     let reasons = e.reasons("a");
     assert!(
-        reasons.iter().any(|r| r == "VMM exited with status 3 on its own"),
+        reasons
+            .iter()
+            .any(|r| r == "VMM exited with status 3 on its own"),
         "{reasons:?}"
     );
 }
@@ -228,7 +268,10 @@ async fn failed_teardown_keeps_the_record_and_is_retried() {
     let pid = e.l.start("a").await.unwrap().runtime.pid.unwrap();
     e.procs.fail_kill(true);
     let err = e.l.kill("a").await.unwrap_err();
-    assert!(matches!(err, LifecycleError::TeardownFailed { .. }), "{err}");
+    assert!(
+        matches!(err, LifecycleError::TeardownFailed { .. }),
+        "{err}"
+    );
     let vm = e.l.get("a").unwrap();
     assert_eq!(vm.state, VmState::Error);
     assert_eq!(vm.runtime.pid, Some(pid), "the pid is not forgotten");
@@ -266,7 +309,7 @@ async fn recovery_finds_a_vmm_whose_pid_was_never_recorded() {
             },
         )
         .unwrap();
-    let (prog, args) = crate::vmm::Backend::command(&e.vmm, &p.api_socket, "x");
+    let (prog, args) = Backend::command(&e.vmm, &p.api_socket, "x");
     let (orphan, _) = e
         .procs
         .spawn(&crate::host::SpawnSpec {
@@ -297,7 +340,8 @@ async fn recovery_adopts_live_vmms_and_cleans_dead_ones() {
         Arc::new(e.procs.clone()),
         Arc::new(e.vmm.clone()),
     );
-    e.procs.exit(dead.runtime.pid.unwrap(), "killed by signal 9");
+    e.procs
+        .exit(dead.runtime.pid.unwrap(), "killed by signal 9");
     let report = l2.recover().await.unwrap();
     assert_eq!((report.adopted, report.cleaned), (1, 1));
     let l = l2.get("live").unwrap();
@@ -310,7 +354,8 @@ async fn recovery_adopts_live_vmms_and_cleans_dead_ones() {
         "exited while hearthd was down"
     );
     // The re-adopted VM is watched by the new daemon.
-    e.procs.exit(live.runtime.pid.unwrap(), "exited with status 0");
+    e.procs
+        .exit(live.runtime.pid.unwrap(), "exited with status 0");
     for _ in 0..200 {
         if l2.get("live").unwrap().state == VmState::Stopped {
             return;
@@ -327,7 +372,9 @@ async fn corrupt_runtime_is_an_error_vm_that_kill_still_cleans() {
     e.create("good");
     let bad = e.l.start("bad").await.unwrap();
     let pid = bad.runtime.pid.unwrap();
-    e.l.store().corrupt_runtime_for_test(bad.id, "{\"pid\": ").unwrap();
+    e.l.store()
+        .corrupt_runtime_for_test(bad.id, "{\"pid\": ")
+        .unwrap();
     let vm = e.l.get("bad").unwrap();
     assert_eq!(vm.state, VmState::Error);
     assert!(vm.last_error.unwrap().contains("corrupt runtime record"));

@@ -30,8 +30,8 @@ fn readable_file(field: &'static str, path: &Path) -> Result<(), LifecycleError>
             format!("{} is not an absolute path", path.display()),
         ));
     }
-    let meta = std::fs::metadata(path)
-        .map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
     if !meta.is_file() {
         return Err(invalid(
             field,
@@ -47,10 +47,13 @@ fn readable_file(field: &'static str, path: &Path) -> Result<(), LifecycleError>
 pub fn create_request(req: &CreateVmRequest) -> Result<VmSpec, LifecycleError> {
     validate_name(&req.name).map_err(|r| invalid("name", r))?;
     let s = &req.spec;
-    if s.vcpus == 0 || s.vcpus > MAX_VCPUS || (s.vcpus > 1 && s.vcpus % 2 != 0) {
+    if s.vcpus == 0 || s.vcpus > MAX_VCPUS || (s.vcpus > 1 && !s.vcpus.is_multiple_of(2)) {
         return Err(invalid(
             "vcpus",
-            format!("{} is not allowed: use 1 or an even number up to {MAX_VCPUS}", s.vcpus),
+            format!(
+                "{} is not allowed: use 1 or an even number up to {MAX_VCPUS}",
+                s.vcpus
+            ),
         ));
     }
     if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&s.memory_mib) {
@@ -70,7 +73,10 @@ pub fn create_request(req: &CreateVmRequest) -> Result<VmSpec, LifecycleError> {
     if s.kernel_args.len() > MAX_KERNEL_ARGS {
         return Err(invalid(
             "kernel_args",
-            format!("{} bytes is longer than {MAX_KERNEL_ARGS}", s.kernel_args.len()),
+            format!(
+                "{} bytes is longer than {MAX_KERNEL_ARGS}",
+                s.kernel_args.len()
+            ),
         ));
     }
     if s.kernel_args.chars().any(|c| c.is_control()) {
@@ -117,10 +123,21 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let d = tempfile::Builder::new().prefix("hearth-test-").tempdir().unwrap();
+        let d = tempfile::Builder::new()
+            .prefix("hearth-test-")
+            .tempdir()
+            .unwrap();
         let good = req(d.path());
         assert!(create_request(&good).is_ok());
-        for (vcpus, ok) in [(0, false), (1, true), (2, true), (3, false), (32, true), (33, false), (34, false)] {
+        for (vcpus, ok) in [
+            (0, false),
+            (1, true),
+            (2, true),
+            (3, false),
+            (32, true),
+            (33, false),
+            (34, false),
+        ] {
             let mut r = good.clone();
             r.spec.vcpus = vcpus;
             assert_eq!(create_request(&r).is_ok(), ok, "vcpus {vcpus}");

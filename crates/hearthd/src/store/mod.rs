@@ -459,11 +459,9 @@ impl Store {
 
     fn missing_or_stale(&self, conn: &Connection, id: Uuid, expected: u64) -> StoreError {
         let exists = conn
-            .query_row(
-                "SELECT 1 FROM vms WHERE id = ?1",
-                [id.to_string()],
-                |_| Ok(()),
-            )
+            .query_row("SELECT 1 FROM vms WHERE id = ?1", [id.to_string()], |_| {
+                Ok(())
+            })
             .optional();
         match exists {
             Ok(Some(())) => StoreError::StaleGeneration { id, expected },
@@ -473,7 +471,12 @@ impl Store {
     }
 
     /// Events of one VM (or all), after `since`, oldest first.
-    pub fn events(&self, vm: Option<Uuid>, since: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+    pub fn events(
+        &self,
+        vm: Option<Uuid>,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
@@ -482,23 +485,20 @@ impl Store {
             )
             .map_err(sql("list events"))?;
         let rows = stmt
-            .query_map(
-                params![since, vm.map(|v| v.to_string()), limit],
-                |r| {
-                    let vm_id: String = r.get(1)?;
-                    let from: Option<String> = r.get(3)?;
-                    let to: String = r.get(4)?;
-                    Ok(Event {
-                        seq: r.get(0)?,
-                        vm_id: Uuid::parse_str(&vm_id).unwrap_or_default(),
-                        at_ms: r.get(2)?,
-                        from: from.as_deref().and_then(VmState::parse),
-                        to: VmState::parse(&to).unwrap_or(VmState::Error),
-                        generation: r.get::<_, i64>(5)? as u64,
-                        reason: r.get(6)?,
-                    })
-                },
-            )
+            .query_map(params![since, vm.map(|v| v.to_string()), limit], |r| {
+                let vm_id: String = r.get(1)?;
+                let from: Option<String> = r.get(3)?;
+                let to: String = r.get(4)?;
+                Ok(Event {
+                    seq: r.get(0)?,
+                    vm_id: Uuid::parse_str(&vm_id).unwrap_or_default(),
+                    at_ms: r.get(2)?,
+                    from: from.as_deref().and_then(VmState::parse),
+                    to: VmState::parse(&to).unwrap_or(VmState::Error),
+                    generation: r.get::<_, i64>(5)? as u64,
+                    reason: r.get(6)?,
+                })
+            })
             .map_err(sql("list events"))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(sql("list events"))?;

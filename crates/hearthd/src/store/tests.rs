@@ -13,7 +13,10 @@ fn spec() -> VmSpec {
 }
 
 fn open() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::Builder::new().prefix("hearth-test-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("hearth-test-")
+        .tempdir()
+        .unwrap();
     let store = Store::open(&dir.path().join("hearth.db")).unwrap();
     (dir, store)
 }
@@ -67,7 +70,8 @@ fn stale_generation_never_overwrites() {
         last_error: None,
         reason: "t",
     };
-    s.transition(id, 1, VmState::Created, t(VmState::Starting)).unwrap();
+    s.transition(id, 1, VmState::Created, t(VmState::Starting))
+        .unwrap();
     // A writer that read generation 1 loses.
     assert!(matches!(
         s.transition(id, 1, VmState::Created, t(VmState::Stopped)),
@@ -77,7 +81,10 @@ fn stale_generation_never_overwrites() {
         s.set_runtime(id, 1, &Runtime::default()),
         Err(StoreError::StaleGeneration { .. })
     ));
-    assert!(matches!(s.delete_vm(id, 1), Err(StoreError::StaleGeneration { .. })));
+    assert!(matches!(
+        s.delete_vm(id, 1),
+        Err(StoreError::StaleGeneration { .. })
+    ));
     assert_eq!(s.get(id).unwrap().state, VmState::Starting);
     s.delete_vm(id, 2).unwrap();
     assert!(matches!(s.get(id), Err(StoreError::NotFound { .. })));
@@ -94,7 +101,8 @@ fn corrupt_runtime_is_reported_not_fatal() {
     let good = Uuid::now_v7();
     s.insert_vm(bad, "bad", &spec()).unwrap();
     s.insert_vm(good, "good", &spec()).unwrap();
-    s.corrupt_runtime_for_test(bad, "{\"pid\": 12, trunc").unwrap();
+    s.corrupt_runtime_for_test(bad, "{\"pid\": 12, trunc")
+        .unwrap();
     let rows = s.list().unwrap();
     assert_eq!(rows.len(), 2);
     let bad_row = rows.iter().find(|r| r.id == bad).unwrap();
@@ -107,25 +115,38 @@ fn corrupt_runtime_is_reported_not_fatal() {
 
 #[test]
 fn reopen_keeps_data_and_newer_schema_is_refused() {
-    let dir = tempfile::Builder::new().prefix("hearth-test-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("hearth-test-")
+        .tempdir()
+        .unwrap();
     let path = dir.path().join("hearth.db");
     let id = Uuid::now_v7();
-    Store::open(&path).unwrap().insert_vm(id, "a", &spec()).unwrap();
+    Store::open(&path)
+        .unwrap()
+        .insert_vm(id, "a", &spec())
+        .unwrap();
     let s = Store::open(&path).unwrap();
     assert_eq!(s.get(id).unwrap().name, "a");
     assert_eq!(s.integrity_check().unwrap(), Ok(()));
     drop(s);
     let conn = Connection::open(&path).unwrap();
-    conn.execute("UPDATE schema_version SET version = 99", []).unwrap();
+    conn.execute("UPDATE schema_version SET version = 99", [])
+        .unwrap();
     drop(conn);
     let err = Store::open(&path).unwrap_err();
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("refusing"));
 }
 
 #[test]
 fn older_schema_is_upgraded() {
-    let dir = tempfile::Builder::new().prefix("hearth-test-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("hearth-test-")
+        .tempdir()
+        .unwrap();
     let path = dir.path().join("hearth.db");
     // A file from before any migration: only the version table, at 0.
     let conn = Connection::open(&path).unwrap();

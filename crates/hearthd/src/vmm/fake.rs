@@ -95,7 +95,9 @@ impl Api for FakeSession {
         };
         match call {
             ApiCall::InstanceStart => self.started = true,
-            ApiCall::SendCtrlAltDel if !ignore_cad => self.vmm.procs.exit(pid, "exited with status 0"),
+            ApiCall::SendCtrlAltDel if !ignore_cad => {
+                self.vmm.procs.exit(pid, "exited with status 0")
+            }
             _ => {}
         }
         Ok(())
@@ -103,7 +105,12 @@ impl Api for FakeSession {
 
     async fn info(&mut self) -> Result<InstanceInfo, VmmError> {
         Ok(InstanceInfo {
-            state: if self.started { "Running" } else { "Not started" }.into(),
+            state: if self.started {
+                "Running"
+            } else {
+                "Not started"
+            }
+            .into(),
             vmm_version: "fake".into(),
         })
     }
@@ -114,7 +121,12 @@ impl Backend for FakeVmm {
     fn command(&self, api_socket: &Path, id: &str) -> (PathBuf, Vec<OsString>) {
         (
             "fake-vmm".into(),
-            vec!["--api-sock".into(), api_socket.into(), "--id".into(), id.into()],
+            vec![
+                "--api-sock".into(),
+                api_socket.into(),
+                "--id".into(),
+                id.into(),
+            ],
         )
     }
 

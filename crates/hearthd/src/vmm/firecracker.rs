@@ -219,7 +219,10 @@ mod tests {
     #[test]
     fn fault_message_is_extracted() {
         let e = fault("InstanceStart", 400, br#"{"fault_message":"no kernel"}"#);
-        assert_eq!(e.to_string(), "VMM refused InstanceStart (HTTP 400): no kernel");
+        assert_eq!(
+            e.to_string(),
+            "VMM refused InstanceStart (HTTP 400): no kernel"
+        );
         let e = fault("x", 500, b"plain");
         assert!(e.to_string().ends_with("plain"));
     }
