@@ -87,9 +87,9 @@ hearth logs demo
 say "hearth stop demo"
 hearth stop demo
 hearth ls
+say "hearth events demo (every transition, persisted before it was reported)"
+hearth events demo
 say "hearth rm demo"
 hearth rm demo
 hearth ls
-say "events of the VM's life, from hearthd's log"
-grep -E 'created|running|stopped|deleted' "$work/hearthd.log" | sed 's/^/  /' || true
 say "done: demo went created → running → stopped → deleted"

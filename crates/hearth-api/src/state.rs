@@ -120,7 +120,10 @@ mod tests {
         assert_eq!(stop, [Running]);
         let kill: Vec<_> = VmState::ALL.into_iter().filter(|s| s.can_kill()).collect();
         assert_eq!(kill, [Starting, Running, Stopping, Error]);
-        let delete: Vec<_> = VmState::ALL.into_iter().filter(|s| s.can_delete()).collect();
+        let delete: Vec<_> = VmState::ALL
+            .into_iter()
+            .filter(|s| s.can_delete())
+            .collect();
         assert_eq!(delete, [Created, Stopped, Error]);
         for s in VmState::ALL {
             assert_eq!(VmState::parse(s.as_str()), Some(s));

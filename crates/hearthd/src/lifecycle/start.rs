@@ -107,7 +107,7 @@ impl Lifecycle {
                 if let (Some(pid), Some(st)) = (rt.pid, rt.pid_start_time) {
                     self.watch(id, pid, st);
                 }
-                tracing::info!(vm = %name, pid = ?rt.pid, "running");
+                tracing::info!(vm = %name, pid = rt.pid.unwrap_or_default(), "running");
                 Ok(self.store.get(id)?.to_api())
             }
             Err(step) => {

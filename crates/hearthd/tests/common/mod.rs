@@ -1,0 +1,338 @@
+//! Harness for the privileged integration tests: the real `hearthd`
+//! binary, the real `hearth` CLI, `hearth-testvmm` (or whatever VMM
+//! `HEARTH_TEST_VMM` names), in a network namespace of its own named
+//! `hearth-…`, with a state dir under a temp dir named `hearth-test-…`.
+//!
+//! Everything a test starts is torn down by [`TestEnv`]'s `Drop`, even when
+//! an assertion fails: the daemon, every process whose command line names
+//! the state dir, and the namespace.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hearth_api::client::{HttpMethod, request};
+
+/// The opt-out for machines where root is not available. Without it a
+/// privileged test fails loudly when not run as root.
+pub const SKIP_ENV: &str = "HEARTH_SKIP_PRIVILEGED";
+
+/// True when the test should run; panics when it cannot and nobody opted
+/// out explicitly.
+pub fn require_root() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os(SKIP_ENV).is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED: privileged test, not root, and {SKIP_ENV}=1 opts out");
+        return false;
+    }
+    panic!(
+        "this integration test needs root (network namespaces, VMM processes); \
+         run it as root, or set {SKIP_ENV}=1 to skip privileged tests explicitly"
+    );
+}
+
+/// A sibling binary of `hearthd` in the target dir.
+pub fn bin(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_hearthd"))
+        .parent()
+        .unwrap()
+        .join(name)
+}
+
+/// The VMM the suite runs: `HEARTH_TEST_VMM`, else hearth-testvmm.
+pub fn vmm_binary() -> PathBuf {
+    std::env::var_os("HEARTH_TEST_VMM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin("hearth-testvmm"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// One isolated hearth host.
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub netns: String,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub daemon: Option<Child>,
+    pub daemon_env: Vec<(String, String)>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl TestEnv {
+    /// A fresh namespace, state dir, test kernel and rootfs. `tag` keeps
+    /// namespace names unique across tests running in parallel.
+    pub fn new(tag: &str) -> TestEnv {
+        let dir = tempfile::Builder::new()
+            .prefix("hearth-test-")
+            .tempdir()
+            .unwrap();
+        let netns = format!("hearth-{tag}-{}", std::process::id());
+        assert!(netns.len() < 64);
+        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+        run(Command::new("ip").args(["netns", "add", &netns]));
+        run(Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]));
+        let kernel = dir.path().join("vmlinux.bin");
+        run(Command::new(bin("hearth-testvmm"))
+            .arg("--write-test-guest")
+            .arg(&kernel));
+        let rootfs = dir.path().join("rootfs.ext4");
+        std::fs::File::create(&rootfs)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let state_dir = dir.path().join("state");
+        let socket = dir.path().join("hearth.sock");
+        TestEnv {
+            dir,
+            netns,
+            state_dir,
+            socket,
+            kernel,
+            rootfs,
+            daemon: None,
+            daemon_env: Vec::new(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// Starts `hearthd` in the namespace and waits for its socket.
+    pub fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("hearthd.log"))
+            .unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns])
+            .arg(env!("CARGO_BIN_EXE_hearthd"))
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--vmm-binary")
+            .arg(vmm_binary())
+            .env("HEARTH_CONFIG", "/dev/null")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.daemon_env {
+            cmd.env(k, v);
+        }
+        self.daemon = Some(cmd.spawn().unwrap());
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!("hearthd exited at start ({st}):\n{}", self.daemon_log());
+            }
+            if self.try_api("GET", "/v1/health", None).is_some() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "hearthd did not answer:\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs the daemon (not its VMs).
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+
+    /// SIGTERMs the daemon and waits for it.
+    pub fn stop_daemon(&mut self) -> std::process::ExitStatus {
+        let mut d = self.daemon.take().expect("daemon running");
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(d.id() as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        d.wait().unwrap()
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hearthd.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn hearth(&self, args: &[&str]) -> Output {
+        Command::new(bin("hearth"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env("HEARTH_CONFIG", "/dev/null")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI and insists it succeeds; returns stdout.
+    pub fn hearth_ok(&self, args: &[&str]) -> String {
+        let out = self.hearth(args);
+        assert!(
+            out.status.success(),
+            "hearth {args:?} failed: {}{}\n--- hearthd log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn try_api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Option<(u16, serde_json::Value)> {
+        let method = HttpMethod::from_bytes(method.as_bytes()).unwrap();
+        let body = body.map(|b| b.to_string().into_bytes());
+        let resp = self
+            .rt
+            .block_on(request(&self.socket, method, path, body))
+            .ok()?;
+        let json = serde_json::from_slice(&resp.body).unwrap_or(serde_json::Value::Null);
+        Some((resp.status.as_u16(), json))
+    }
+
+    /// One HTTP call to the daemon.
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        self.try_api(method, path, body)
+            .unwrap_or_else(|| panic!("daemon unreachable for {method} {path}"))
+    }
+
+    /// A create request body for this env's kernel and rootfs.
+    pub fn create_body(&self, name: &str) -> serde_json::Value {
+        serde_json::json!({"name": name, "spec": {
+            "vcpus": 1, "memory_mib": 128,
+            "kernel": self.kernel, "rootfs": self.rootfs}})
+    }
+
+    /// The VM as the API reports it.
+    pub fn vm(&self, name: &str) -> serde_json::Value {
+        let (s, v) = self.api("GET", &format!("/v1/vms/{name}"), None);
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    /// Polls until `name` is in `state`.
+    pub fn wait_state(&self, name: &str, state: &str) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let vm = self.vm(name);
+            if vm["state"] == state {
+                return vm;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{name} never reached {state}: {vm}\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Live processes whose command line mentions this env's dir.
+    pub fn processes(&self) -> Vec<u32> {
+        processes_mentioning(self.dir.path())
+    }
+
+    /// Entries of `<state>/vms`.
+    pub fn vm_dirs(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.state_dir.join("vms")) {
+            Ok(d) => d.map(|e| e.unwrap().path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Live (non-zombie) processes with `needle` in their command line.
+pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
+    let needle = needle.as_os_str().as_encoded_bytes();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true);
+        if !zombie && cmd.windows(needle.len()).any(|w| w == needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// True when `pid` is alive (not a zombie).
+pub fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.kill_daemon();
+        for pid in self.processes() {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid as i32).unwrap(),
+                rustix::process::Signal::KILL,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.processes().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
+}
