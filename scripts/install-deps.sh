@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Installs the Debian packages hearth's scripts and tests use, when missing:
-# iproute2 (ip netns for test isolation), e2fsprogs (mkfs.ext4 for the demo
-# rootfs), nftables (the nft tool), util-linux (losetup for leak-audit),
-# python3 (the demo reads `hearth doctor --json`), and the rustfmt and
-# clippy toolchain components.
+# Installs the Debian packages hearth's build, scripts and tests use, when
+# missing:
+#   build:  libclang-dev + pkg-config + libdevmapper-dev (bindgen in the
+#           loopdev-3 and devicemapper crates reads the kernel's headers)
+#   run:    nftables (the nft tool, for hearth's firewall), iproute2 (ip
+#           netns for test isolation), iputils-ping (the testvmm guest-network
+#           test pings the guest), util-linux (losetup, for leak-audit),
+#           e2fsprogs (mkfs.ext4 for the demo rootfs), python3 (the demo
+#           reads `hearth doctor --json`)
+# and the rustfmt and clippy toolchain components.
 set -euo pipefail
+want=(libclang-dev pkg-config libdevmapper-dev nftables iproute2 iputils-ping util-linux e2fsprogs python3)
 need=()
-for pair in ip:iproute2 mkfs.ext4:e2fsprogs nft:nftables losetup:util-linux python3:python3; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"

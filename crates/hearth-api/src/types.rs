@@ -1,5 +1,6 @@
 //! Request and response bodies of the daemon's API.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,64 @@ pub struct StopRequest {
     pub timeout_secs: Option<u64>,
 }
 
+/// Transport protocol of a port forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    /// `tcp` / `udp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// `host_port/proto → guest_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortForward {
+    /// Port on the host.
+    pub host_port: u16,
+    /// Protocol.
+    pub proto: Proto,
+    /// Port in the guest.
+    pub guest_port: u16,
+}
+
+/// Everything one VM needs from the firewall. Stored in the VM's runtime
+/// record *before* it is applied; removal is driven by this record alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRules {
+    /// The VM's short id: its chains are `vm-<short_id>…`.
+    pub short_id: String,
+    /// The VM's full id, for `hearth:vm:<id>` comments.
+    pub vm_id: String,
+    /// The VM's tap.
+    pub tap: String,
+    /// The guest's address.
+    pub guest_ip: Ipv4Addr,
+    /// Masquerade out of this uplink (the `nat` capability).
+    #[serde(default)]
+    pub nat_uplink: Option<String>,
+    /// DNAT from the host to the guest (the `port-forward` capability).
+    #[serde(default)]
+    pub port_forwards: Vec<PortForward>,
+}
+
+impl VmRules {
+    /// True when the VM needs no rule at all.
+    pub fn is_empty(&self) -> bool {
+        self.nat_uplink.is_none() && self.port_forwards.is_empty()
+    }
+}
+
 /// What the daemon holds for a running (or half-torn-down) VM: the journal
 /// of a start. Every field is written *before* the object it names is
 /// created and cleared only after the object is gone, so teardown can be
@@ -91,15 +150,72 @@ pub struct Runtime {
     /// Unix time (ms) the VM answered InstanceStart.
     #[serde(default)]
     pub started_at_ms: Option<i64>,
+    /// The VM's tap (`hth<N>`), reserved in the pool in the same
+    /// transaction that writes it here.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// The tap's address (the guest's gateway).
+    #[serde(default)]
+    pub host_ip: Option<Ipv4Addr>,
+    /// The guest's address.
+    #[serde(default)]
+    pub guest_ip: Option<Ipv4Addr>,
+    /// Prefix length of the tap's subnet.
+    #[serde(default)]
+    pub prefix_len: Option<u8>,
+    /// The guest's MAC, derived from the VM id.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// The firewall rules, recorded before they are applied.
+    #[serde(default)]
+    pub firewall: Option<VmRules>,
+    /// What the firewall reported installing (chains, rule handles).
+    #[serde(default)]
+    pub firewall_handles: Vec<String>,
+    /// The writable root disk.
+    #[serde(default)]
+    pub disk: Option<DiskRecord>,
+}
+
+/// A VM's writable root disk, each part recorded before it is made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    /// `copy` or `dm-snapshot`.
+    pub strategy: String,
+    /// The image the VM was created from (never modified).
+    pub image: PathBuf,
+    /// What Firecracker gets as the root drive, once it exists.
+    #[serde(default)]
+    pub device: Option<PathBuf>,
+    /// `copy`: the VM's own copy, in the VM dir (kept until delete).
+    #[serde(default)]
+    pub copy_file: Option<PathBuf>,
+    /// `dm-snapshot`: the per-VM link to the image the origin loop is
+    /// attached through (so the loop's backing file names this VM).
+    #[serde(default)]
+    pub origin_link: Option<PathBuf>,
+    /// `dm-snapshot`: the sparse copy-on-write file (kept until delete).
+    #[serde(default)]
+    pub cow_file: Option<PathBuf>,
+    /// `dm-snapshot`: the read-only loop over `origin_link`.
+    #[serde(default)]
+    pub origin_loop: Option<PathBuf>,
+    /// `dm-snapshot`: the loop over `cow_file`.
+    #[serde(default)]
+    pub cow_loop: Option<PathBuf>,
+    /// `dm-snapshot`: the device-mapper name, `hearth-<shortid>`.
+    #[serde(default)]
+    pub dm_name: Option<String>,
+    /// `dm-snapshot`: the backing file of a loop being attached right now
+    /// (its device number is not known until the kernel picks it).
+    #[serde(default)]
+    pub attaching: Option<PathBuf>,
 }
 
 impl Runtime {
     /// True when the record names nothing left to tear down.
     pub fn is_empty(&self) -> bool {
-        self.api_socket.is_none()
-            && self.pid.is_none()
-            && self.metrics_path.is_none()
-            && self.vm_dir.is_none()
+        self == &Runtime::default()
     }
 }
 
@@ -177,6 +293,15 @@ pub struct Version {
     pub vmm_binary: String,
 }
 
+/// The VM's short id: the last 12 hex digits of its UUID (UUIDv7's random
+/// bits), deterministic and short enough for every kernel name limit. It
+/// names the VM's nft chains (`vm-<shortid>…`) and dm device
+/// (`hearth-<shortid>`).
+pub fn short_id(id: &Uuid) -> String {
+    let hex = id.simple().to_string();
+    hex[hex.len() - 12..].to_owned()
+}
+
 /// Checks a VM name against `[a-z0-9][a-z0-9-]{0,62}`.
 pub fn validate_name(name: &str) -> Result<(), String> {
     let b = name.as_bytes();
@@ -198,6 +323,12 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_ids_are_the_random_tail() {
+        let id = Uuid::parse_str("01a21d5a-9c84-7692-803b-094afdc392c5").unwrap();
+        assert_eq!(short_id(&id), "094afdc392c5");
+    }
 
     #[test]
     fn names() {

@@ -29,9 +29,29 @@ it is given as Firecracker does, attaches the taps it is given with TUNSETIFF,
 and checks the kernel as Firecracker's ELF loader does, but it creates no VM:
 after InstanceStart it prints a few console lines to stdout, and after
 SendCtrlAltDel it exits 0 as Firecracker does when its guest reboots.
-Other Firecracker endpoints answer 400 saying the stand-in does not implement them.";
+With an ip= kernel argument it also plays the guest's network stack on the
+tap (see below). Other Firecracker endpoints answer 400 saying the stand-in
+does not implement them.";
 
 const AFTER_LONG_HELP: &str = "\
+Guest network: when the kernel command line (boot_args) has Linux's static
+  ip=<client-ip>:<server-ip>:<gw-ip>:<netmask>:<hostname>:<device>:<autoconf>:...
+argument (e.g. ip=10.231.0.6::10.231.0.5:255.255.255.252::eth0:off; trailing
+fields may be left out; DHCP is not emulated) and the device (eth0 = the first
+network interface configured) exists, InstanceStart brings up a small TCP/IP
+stack on its tap in the guest's place: the interface's guest_mac, the address
+and netmask, a default route via the gateway. It answers ARP and ping, and on
+port 7 serves
+  UDP  echo;
+  TCP  echo (a few connections at once), except that a line
+       \"CONNECT <ip>:<port>\\n\" makes the guest open one TCP connection to
+       <ip>:<port>, send \"hello from <guest-ip>\\n\", read one line back, close
+       it, and answer \"OK <that line>\\n\" or \"ERR <reason>\\n\" (3 s timeout).
+It announces itself on stdout (the console) with
+  hearth-testvmm: guest network eth0 <ip>/<prefix> gw <gw> mac <mac>: up
+or says \"hearth-testvmm: guest network not started: <why>\" (a bad ip=). Without
+an ip= argument or a network interface, no stack runs and the taps stay silent.
+
 Fault injection (environment; for tests of whatever supervises this process):
   HEARTH_TESTVMM_CRASH=<point>  die by SIGABRT (no core dump) at <point>,
                                 without answering the request that triggered it
@@ -59,7 +79,7 @@ Exit status: 0 after SendCtrlAltDel (or --help, --version, --write-test-guest);
     name = "hearth-testvmm",
     about = ABOUT,
     long_about = LONG_ABOUT,
-    after_help = "Fault-injection variables: see --help.",
+    after_help = "Guest network and fault-injection variables: see --help.",
     after_long_help = AFTER_LONG_HELP,
     disable_version_flag = true
 )]

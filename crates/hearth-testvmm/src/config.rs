@@ -119,6 +119,13 @@ pub struct BlockDeviceConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MacAddr([u8; 6]);
 
+impl MacAddr {
+    /// The six octets.
+    pub fn octets(self) -> [u8; 6] {
+        self.0
+    }
+}
+
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = &self.0;

@@ -18,13 +18,19 @@
 //! does when its guest reboots. Faults can be injected through the
 //! environment ([`faults`]).
 //!
+//! With an `ip=` kernel argument and a network interface, the stand-in
+//! also plays the guest's network stack on the interface's tap
+//! ([`guestnet`]): ARP, ping, and TCP/UDP echo services tests drive
+//! through hearth's NAT and port forwards.
+//!
 //! The crate also makes the kernel tests and demos boot: [`test_guest_elf`]
 //! is a tiny x86-64 ELF that real Firecracker boots, so the same tests run
 //! against either VMM.
 //!
 //! Layout: [`cli`] (process start) → [`server`] (HTTP) → [`api`] (request
 //! parsing, responses) → [`vmm`] (the pre-boot and runtime rules), with
-//! [`config`] (request bodies), [`fclog`] (logger, metrics) and [`tap`].
+//! [`config`] (request bodies), [`fclog`] (logger, metrics), [`tap`] and
+//! [`guestnet`].
 
 pub mod api;
 pub mod cli;
@@ -32,6 +38,7 @@ pub mod config;
 pub mod faults;
 pub mod fclog;
 pub mod guest;
+pub mod guestnet;
 pub mod server;
 pub mod tap;
 pub mod vmm;

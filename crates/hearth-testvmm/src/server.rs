@@ -4,7 +4,8 @@
 //! (`Server: Firecracker API`, keep-alive, no `Date`, its 400 answers to
 //! unparsable requests, its payload limit), plus the parts of a running
 //! VMM the API cannot show: console output, the exit after Ctrl+Alt+Del,
-//! periodic metrics, and the injected faults of [`crate::faults`].
+//! periodic metrics, the guest's network stack ([`crate::guestnet`]), and
+//! the injected faults of [`crate::faults`].
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -24,6 +25,7 @@ use tokio::net::UnixListener;
 use crate::api::{self, Effect, Method};
 use crate::faults::{self, Faults, Point};
 use crate::fclog::{Level, Thread};
+use crate::guestnet;
 use crate::vmm::Vmm;
 
 /// Firecracker's metrics period (`WRITE_METRICS_PERIOD_MS`).
@@ -153,20 +155,25 @@ impl Server {
             return std::future::pending().await;
         }
 
-        let (response, effect) = {
+        let (response, effect, net) = {
             let mut state = self.lock();
             let (response, effect) = api::handle(&mut state.vmm, method, &target, body);
+            let mut net = None;
             if effect == Effect::Started {
                 console(&state.vmm.boot_console());
                 if let Some(Point::AfterStart(after)) = &self.faults.hang {
                     state.hang_at = Some(Instant::now() + *after);
                 }
+                net = guestnet::plan(&state.vmm);
             }
-            (response, effect)
+            (response, effect, net)
         };
         match effect {
             Effect::None => {}
-            Effect::Started => self.after_start(),
+            Effect::Started => {
+                start_guest_net(net);
+                self.after_start();
+            }
             Effect::CtrlAltDel => {
                 let server = Arc::clone(&self);
                 tokio::spawn(async move {
@@ -254,6 +261,26 @@ impl Server {
             "Firecracker exiting successfully. exit_code=0",
         );
         std::process::exit(0)
+    }
+}
+
+/// Brings the guest's network up, as its kernel would with `ip=`; says so
+/// (or why not) on the console.
+fn start_guest_net(net: Option<Result<guestnet::GuestNet, String>>) {
+    let started = match net {
+        None => return,
+        Some(net) => net.and_then(|net| {
+            let banner = net.banner();
+            let stack = net.into_stack().map_err(|e| e.to_string())?;
+            tokio::spawn(stack.run());
+            Ok(banner)
+        }),
+    };
+    match started {
+        Ok(banner) => console(&banner),
+        Err(why) => console(&format!(
+            "hearth-testvmm: guest network not started: {why}\n"
+        )),
     }
 }
 

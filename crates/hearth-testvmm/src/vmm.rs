@@ -320,7 +320,7 @@ struct Drive {
 #[derive(Debug)]
 struct NetDevice {
     config: NetworkInterfaceConfig,
-    _tap: File,
+    tap: File,
 }
 
 /// The stand-in VMM.
@@ -511,10 +511,7 @@ impl Vmm {
                 NetworkInterfaceError::CreateNetworkDevice(NetError::InvalidMtu(mtu)).into(),
             );
         }
-        self.nets.push(NetDevice {
-            config: cfg,
-            _tap: tap,
-        });
+        self.nets.push(NetDevice { config: cfg, tap });
         Ok(VmmData::Empty)
     }
 
@@ -536,6 +533,24 @@ impl Vmm {
             );
         }
         Ok(VmmData::Empty)
+    }
+
+    /// The kernel's own parameters: the configured command line (or
+    /// Firecracker's default) up to any " -- ", which a Linux guest parses
+    /// (`ip=` among them).
+    pub fn kernel_params(&self) -> &str {
+        let raw = self
+            .boot
+            .as_ref()
+            .and_then(|b| b.config.boot_args.as_deref())
+            .unwrap_or(DEFAULT_KERNEL_CMDLINE);
+        split_cmdline(raw).0
+    }
+
+    /// The network interfaces with their taps, in the order a guest
+    /// numbers them (the first is its eth0).
+    pub fn net_devices(&self) -> impl Iterator<Item = (&NetworkInterfaceConfig, &File)> {
+        self.nets.iter().map(|n| (&n.config, &n.tap))
     }
 
     /// The kernel command line the guest would get: the configured one

@@ -61,6 +61,94 @@ pub struct Config {
     pub stop_timeout_secs: u64,
     /// Milliseconds to wait for a freshly spawned VMM's API socket.
     pub vmm_ready_timeout_ms: u64,
+    /// IPv4 pool the per-tap /30 subnets come from (`a.b.c.d/len`, len ≤ 28).
+    pub address_pool: String,
+    /// Interface NAT masquerades out of; empty: the default route's.
+    pub uplink: String,
+    /// DNS server handed to guests on the kernel command line.
+    pub guest_dns: std::net::Ipv4Addr,
+    /// Idle taps kept for reuse; beyond this a released tap is deleted.
+    pub tap_pool_idle_max: u32,
+    /// Idle taps created at daemon start.
+    pub tap_pool_prewarm: u32,
+    /// Root disk strategy: `auto`, `copy` or `dm-snapshot`.
+    pub disk_strategy: DiskStrategy,
+}
+
+/// How each VM gets its writable root disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskStrategy {
+    /// dm-snapshot where device-mapper works, else copy.
+    Auto,
+    /// A reflink or sparse copy of the image in the VM dir.
+    Copy,
+    /// A device-mapper snapshot over loop devices.
+    DmSnapshot,
+}
+
+/// A parsed IPv4 network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    /// The network address (host bits zero).
+    pub addr: std::net::Ipv4Addr,
+    /// Prefix length.
+    pub prefix_len: u8,
+}
+
+impl Ipv4Net {
+    /// Parses `a.b.c.d/len`; host bits must be zero.
+    pub fn parse(s: &str) -> Result<Ipv4Net, String> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a.b.c.d/len"))?;
+        let addr: std::net::Ipv4Addr = a.parse().map_err(|e| format!("{a:?}: {e}"))?;
+        let prefix_len: u8 = l.parse().map_err(|e| format!("{l:?}: {e}"))?;
+        if prefix_len > 32 {
+            return Err(format!("prefix length {prefix_len} is over 32"));
+        }
+        let net = Ipv4Net { addr, prefix_len };
+        if net.addr != net.network() {
+            return Err(format!("{s} has host bits set"));
+        }
+        Ok(net)
+    }
+
+    fn mask(self) -> u32 {
+        if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix_len)
+        }
+    }
+
+    /// The network address.
+    pub fn network(self) -> std::net::Ipv4Addr {
+        (u32::from(self.addr) & self.mask()).into()
+    }
+
+    /// Whether the two networks share any address.
+    pub fn overlaps(self, other: Ipv4Net) -> bool {
+        let m = self.mask() & other.mask();
+        u32::from(self.addr) & m == u32::from(other.addr) & m
+    }
+
+    /// The `idx`-th /30 of this network: (host address, guest address).
+    pub fn slot(self, idx: u32) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
+        let base = u32::from(self.network()) + idx * 4;
+        ((base + 1).into(), (base + 2).into())
+    }
+
+    /// How many /30 subnets fit.
+    pub fn slots(self) -> u32 {
+        1u32 << (30 - u32::from(self.prefix_len.min(30)))
+    }
+}
+
+impl std::fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
 }
 
 impl Default for Config {
@@ -71,6 +159,12 @@ impl Default for Config {
             vmm_binary: PathBuf::from("firecracker"),
             stop_timeout_secs: 10,
             vmm_ready_timeout_ms: 2000,
+            address_pool: "10.231.0.0/16".into(),
+            uplink: String::new(),
+            guest_dns: std::net::Ipv4Addr::new(1, 1, 1, 1),
+            tap_pool_idle_max: 16,
+            tap_pool_prewarm: 0,
+            disk_strategy: DiskStrategy::Auto,
         }
     }
 }
@@ -131,6 +225,16 @@ impl Config {
                 reason: "must be an absolute path".into(),
             });
         }
+        let pool = Ipv4Net::parse(&self.address_pool).map_err(|reason| ConfigError::Invalid {
+            key: "address_pool",
+            reason,
+        })?;
+        if pool.prefix_len > 28 {
+            return Err(ConfigError::Invalid {
+                key: "address_pool",
+                reason: format!("{pool} is too small: use /28 or larger"),
+            });
+        }
         if self.vmm_ready_timeout_ms == 0 {
             return Err(ConfigError::Invalid {
                 key: "vmm_ready_timeout_ms",
@@ -158,6 +262,14 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The address pool (validated at load).
+    pub fn pool(&self) -> Ipv4Net {
+        Ipv4Net::parse(&self.address_pool).unwrap_or(Ipv4Net {
+            addr: std::net::Ipv4Addr::new(10, 231, 0, 0),
+            prefix_len: 16,
+        })
     }
 
     /// The store's database file.
@@ -211,6 +323,32 @@ mod tests {
     fn the_sample_config_is_the_defaults() {
         let text = include_str!("../../../contrib/hearth.toml");
         assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn pools_parse_slot_and_overlap() {
+        let p = Ipv4Net::parse("10.231.0.0/16").unwrap();
+        assert_eq!(p.slots(), 16384);
+        assert_eq!(
+            p.slot(0),
+            ("10.231.0.1".parse().unwrap(), "10.231.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            p.slot(1),
+            ("10.231.0.5".parse().unwrap(), "10.231.0.6".parse().unwrap())
+        );
+        assert!(p.overlaps(Ipv4Net::parse("10.231.7.0/24").unwrap()));
+        assert!(p.overlaps(Ipv4Net::parse("10.0.0.0/8").unwrap()));
+        assert!(!p.overlaps(Ipv4Net::parse("10.232.0.0/16").unwrap()));
+        assert!(Ipv4Net::parse("10.231.0.1/16").is_err());
+        assert!(Ipv4Net::parse("10.231.0.0").is_err());
+        assert!(matches!(
+            Config::from_toml("address_pool = \"10.0.0.0/30\""),
+            Err(ConfigError::Invalid {
+                key: "address_pool",
+                ..
+            })
+        ));
     }
 
     #[test]

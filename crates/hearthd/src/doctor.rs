@@ -166,6 +166,9 @@ pub fn run(config: &Config) -> Report {
     let root = rustix::process::geteuid().is_root();
     let nft = probe_nft(root);
 
+    let dm = probe_dm();
+    let routes =
+        parse_proc_net_route(&std::fs::read_to_string("/proc/net/route").unwrap_or_default());
     let checks = vec![
         root_check(root, rustix::process::geteuid().as_raw()),
         kvm_check(&kvm),
@@ -182,7 +185,7 @@ pub fn run(config: &Config) -> Report {
             "load the tun module (modprobe tun): each VM's network is a tap device",
         ),
         nft_check(&nft),
-        dm_check(&probe_dm(), Path::new("/sys/module/dm_mod").exists()),
+        dm_check(&dm, Path::new("/sys/module/dm_mod").exists()),
         device_check(
             "loop",
             LOOP_CONTROL,
@@ -190,6 +193,8 @@ pub fn run(config: &Config) -> Report {
             "load the loop module (modprobe loop): root disks are attached as loop devices",
         ),
         ip_forward_check(std::fs::read_to_string(IP_FORWARD).map_err(|e| e.to_string())),
+        uplink_check(config, &routes),
+        disk_strategy_check(config.disk_strategy, matches!(dm, Probe::Ok(_))),
         state_dir_check(&probe_state_dir(&config.state_dir)),
         cgroup_check(
             Path::new("/sys/fs/cgroup/cgroup.controllers").exists(),
@@ -736,6 +741,97 @@ fn ip_forward_check(value: Result<String, String>) -> Check {
     }
 }
 
+/// IPv4 routes from `/proc/net/route`: (interface, destination, prefix).
+fn parse_proc_net_route(text: &str) -> Vec<(String, crate::config::Ipv4Net)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // The kernel prints each big-endian address as the raw u32 in
+            // host byte order; its native bytes are the address's bytes.
+            let addr = |s: &str| {
+                u32::from_str_radix(s, 16)
+                    .ok()
+                    .map(|v| std::net::Ipv4Addr::from(v.to_ne_bytes()))
+            };
+            let (dst, mask) = (addr(f.get(1)?)?, addr(f.get(7)?)?);
+            Some((
+                f[0].to_owned(),
+                crate::config::Ipv4Net {
+                    addr: dst,
+                    prefix_len: u32::from(mask).leading_ones() as u8,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn uplink_check(config: &Config, routes: &[(String, crate::config::Ipv4Net)]) -> Check {
+    const NAME: &str = "uplink";
+    let pool = config.pool();
+    let clash: Vec<String> = routes
+        .iter()
+        .filter(|(dev, net)| net.prefix_len > 0 && !dev.starts_with("hth") && net.overlaps(pool))
+        .map(|(dev, net)| format!("{net} dev {dev}"))
+        .collect();
+    if !clash.is_empty() {
+        return Check::missing(
+            NAME,
+            format!(
+                "address pool {pool} overlaps host routes: {}",
+                clash.join(", ")
+            ),
+            "set address_pool to a private range the host does not route; hearthd refuses to start otherwise",
+        );
+    }
+    let default = routes
+        .iter()
+        .find(|(_, n)| n.prefix_len == 0)
+        .map(|(d, _)| d.clone());
+    let uplink = if config.uplink.is_empty() {
+        default
+    } else {
+        Some(config.uplink.clone())
+    };
+    match uplink {
+        Some(u) if Path::new("/sys/class/net").join(&u).exists() => Check::ok(
+            NAME,
+            format!("nat masquerades out of {u}; address pool {pool} is free"),
+        ),
+        Some(u) => Check::missing(
+            NAME,
+            format!("uplink {u} does not exist"),
+            "set `uplink` to the interface that reaches the internet",
+        ),
+        None => Check::warn(
+            NAME,
+            format!("no default route and no `uplink` configured; address pool {pool} is free"),
+            "VMs with the nat capability cannot start until the host has a default route or `uplink` is set",
+        ),
+    }
+}
+
+fn disk_strategy_check(configured: crate::config::DiskStrategy, dm_ok: bool) -> Check {
+    use crate::config::DiskStrategy;
+    const NAME: &str = "disk";
+    match (configured, dm_ok) {
+        (DiskStrategy::Auto, true) => Check::ok(NAME, "auto: dm-snapshot (device-mapper works)"),
+        (DiskStrategy::Auto, false) => Check::ok(
+            NAME,
+            "auto: copy (reflink where the filesystem can, else sparse), since device-mapper is absent",
+        ),
+        (DiskStrategy::Copy, _) => {
+            Check::ok(NAME, "copy (reflink where the filesystem can, else sparse)")
+        }
+        (DiskStrategy::DmSnapshot, true) => Check::ok(NAME, "dm-snapshot"),
+        (DiskStrategy::DmSnapshot, false) => Check::missing(
+            NAME,
+            "dm-snapshot is configured but device-mapper does not work here",
+            "set disk_strategy = \"auto\" or \"copy\"; hearthd refuses to start otherwise",
+        ),
+    }
+}
+
 /// `1.5 GiB`, `300 MiB`.
 fn human_bytes(b: u64) -> String {
     const GIB: f64 = (1u64 << 30) as f64;
@@ -827,6 +923,59 @@ fn root_check(root: bool, euid: u32) -> Check {
             "hearthd needs root (CAP_NET_ADMIN for taps and nftables, CAP_SYS_ADMIN for loop \
              and device-mapper); run `sudo hearth doctor` to see what it would",
         )
+    }
+}
+
+#[cfg(test)]
+mod net_tests {
+    use super::*;
+
+    const ROUTE: &str =
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+eth0\t0002A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+";
+
+    #[test]
+    fn routes_are_parsed_from_proc() {
+        let r = parse_proc_net_route(ROUTE);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].1.prefix_len, 0);
+        assert_eq!(r[1].1.to_string(), "192.168.2.0/24");
+    }
+
+    #[test]
+    fn pool_overlap_and_disk_strategy_are_reported() {
+        let cfg = Config::default();
+        let mut routes = parse_proc_net_route(ROUTE);
+        assert_ne!(uplink_check(&cfg, &routes).status, Status::Missing);
+        routes.push((
+            "eth1".into(),
+            crate::config::Ipv4Net::parse("10.231.8.0/24").unwrap(),
+        ));
+        let c = uplink_check(&cfg, &routes);
+        assert_eq!(c.status, Status::Missing);
+        assert!(c.detail.contains("10.231.8.0/24 dev eth1"), "{}", c.detail);
+        routes.pop();
+        routes.push((
+            "hth3".into(),
+            crate::config::Ipv4Net::parse("10.231.0.12/30").unwrap(),
+        ));
+        assert_ne!(
+            uplink_check(&cfg, &routes).status,
+            Status::Missing,
+            "our own taps do not clash"
+        );
+        use crate::config::DiskStrategy;
+        assert!(
+            disk_strategy_check(DiskStrategy::Auto, false)
+                .detail
+                .contains("copy")
+        );
+        assert_eq!(
+            disk_strategy_check(DiskStrategy::DmSnapshot, false).status,
+            Status::Missing
+        );
     }
 }
 
@@ -1081,6 +1230,8 @@ mod tests {
                 "device-mapper",
                 "loop",
                 "ip_forward",
+                "uplink",
+                "disk",
                 "state_dir",
                 "cgroup"
             ]

@@ -8,6 +8,7 @@
 //! and against the real kernel in integration tests.
 
 pub mod api;
+pub mod capability;
 pub mod config;
 pub mod doctor;
 pub mod host;

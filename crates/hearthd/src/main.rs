@@ -9,9 +9,15 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use hearthd::config::Config;
+use hearthd::capability::HostNet;
+use hearthd::config::{Config, DiskStrategy, Ipv4Net};
 use hearthd::host::LinuxProcesses;
-use hearthd::lifecycle::Lifecycle;
+use hearthd::host::disk::DiskHost;
+use hearthd::host::disk::linux::LinuxDisk;
+use hearthd::host::firewall::nft::Nft;
+use hearthd::host::net::NetHost;
+use hearthd::host::net::linux::LinuxNet;
+use hearthd::lifecycle::{Host, Lifecycle};
 use hearthd::store::Store;
 use hearthd::vmm::firecracker::Firecracker;
 
@@ -75,6 +81,44 @@ fn lock_state_dir(config: &Config) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
+/// Finds the uplink and refuses an address pool that collides with a host
+/// route (other than hearth's own taps).
+async fn check_network(config: &Config, net: &dyn NetHost) -> anyhow::Result<HostNet> {
+    let pool = config.pool();
+    let routes = net.routes().await.context("read the routing table")?;
+    for r in &routes {
+        let ours = r.oif.as_deref().is_some_and(|o| o.starts_with("hth"));
+        let net = Ipv4Net {
+            addr: r.dst,
+            prefix_len: r.prefix_len,
+        };
+        if r.prefix_len > 0 && !ours && net.overlaps(pool) {
+            bail!(
+                "address_pool {pool} overlaps the host route {net}{}; choose another pool",
+                r.oif
+                    .as_deref()
+                    .map(|o| format!(" dev {o}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    let uplink = if config.uplink.is_empty() {
+        routes
+            .iter()
+            .find(|r| r.prefix_len == 0)
+            .and_then(|r| r.oif.clone())
+    } else {
+        Some(config.uplink.clone())
+    };
+    match &uplink {
+        Some(u) => tracing::info!(uplink = %u, pool = %pool, "network"),
+        None => {
+            tracing::warn!(pool = %pool, "no default route and no `uplink` set: VMs with nat cannot start")
+        }
+    }
+    Ok(HostNet { uplink })
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(d) = args.state_dir {
@@ -95,11 +139,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })?;
     let _lock = lock_state_dir(&config)?;
     let store = Arc::new(Store::open(&config.db_path())?);
+    let net = Arc::new(LinuxNet::new().context("open rtnetlink")?);
+    let disk = Arc::new(LinuxDisk::new());
+    if config.disk_strategy == DiskStrategy::DmSnapshot && !disk.dm_available() {
+        bail!(
+            "disk_strategy is dm-snapshot but device-mapper does not work on this host (`hearth doctor` explains)"
+        );
+    }
+    let host_net = check_network(&config, net.as_ref()).await?;
+    let host = Host {
+        procs: Arc::new(LinuxProcesses),
+        net,
+        firewall: Arc::new(Nft::new()),
+        disk,
+    };
     let lifecycle = Lifecycle::new(
         store,
         config.clone(),
-        Arc::new(LinuxProcesses),
+        host,
         Arc::new(Firecracker::new(vmm_binary.clone())),
+        host_net,
     );
     let t = std::time::Instant::now();
     let report = lifecycle.recover().await?;
@@ -111,6 +170,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         took_ms = t.elapsed().as_millis() as u64,
         "recovered VMs from the store"
     );
+    lifecycle.prewarm_taps().await?;
     let listener = claim_socket(&config.socket).await?;
     tracing::info!(
         socket = %config.socket.display(),

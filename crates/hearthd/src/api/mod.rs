@@ -47,6 +47,7 @@ pub fn status_of(e: &LifecycleError) -> (StatusCode, &'static str) {
             (StatusCode::NOT_FOUND, "not_found")
         }
         LifecycleError::WrongState { .. }
+        | LifecycleError::Conflict { .. }
         | LifecycleError::Corrupt { .. }
         | LifecycleError::Store(StoreError::NameTaken { .. })
         | LifecycleError::Store(StoreError::StaleGeneration { .. }) => {
@@ -55,6 +56,7 @@ pub fn status_of(e: &LifecycleError) -> (StatusCode, &'static str) {
         LifecycleError::StartFailed { .. }
         | LifecycleError::TeardownFailed { .. }
         | LifecycleError::Io { .. }
+        | LifecycleError::Net(_)
         | LifecycleError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }

@@ -26,11 +26,18 @@ fn app() -> (tempfile::TempDir, Router) {
     };
     let store = Arc::new(Store::open(&config.db_path()).unwrap());
     let procs = FakeProcesses::new();
+    let host = crate::lifecycle::Host {
+        procs: Arc::new(procs.clone()),
+        net: Arc::new(crate::host::net::fake::FakeNet::new()),
+        firewall: Arc::new(crate::host::firewall::fake::FakeFirewall::new()),
+        disk: Arc::new(crate::host::disk::fake::FakeDisk::new()),
+    };
     let l = Lifecycle::new(
         store,
         config,
-        Arc::new(procs.clone()),
+        host,
         Arc::new(FakeVmm::new(procs)),
+        crate::capability::HostNet { uplink: None },
     );
     (dir, router(l))
 }

@@ -27,8 +27,12 @@ use uuid::Uuid;
 pub use console::{ConsoleFollow, tail_bytes};
 pub use teardown::RecoverReport;
 
-use crate::config::Config;
+use crate::capability::HostNet;
+use crate::config::{Config, DiskStrategy};
 use crate::host::ProcessHost;
+use crate::host::disk::DiskHost;
+use crate::host::firewall::Firewall;
+use crate::host::net::NetHost;
 use crate::store::{Store, StoreError, VmRow};
 use crate::vmm::Backend;
 
@@ -41,6 +45,14 @@ pub enum LifecycleError {
     Invalid {
         /// Which field.
         field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The request collides with another VM (a host port, say).
+    #[error("conflicting {what}: {reason}")]
+    Conflict {
+        /// Which part of the request.
+        what: &'static str,
         /// Why.
         reason: String,
     },
@@ -97,6 +109,9 @@ pub enum LifecycleError {
         #[source]
         source: std::io::Error,
     },
+    /// A network call outside any VM's journal (pool pre-warming).
+    #[error(transparent)]
+    Net(#[from] crate::host::net::NetError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -122,6 +137,18 @@ pub enum StepError {
     /// The VMM's API.
     #[error(transparent)]
     Vmm(#[from] crate::vmm::VmmError),
+    /// Taps, addresses, sysctls.
+    #[error(transparent)]
+    Net(#[from] crate::host::net::NetError),
+    /// nftables.
+    #[error(transparent)]
+    Firewall(#[from] crate::host::firewall::FirewallError),
+    /// Copies, loops, dm.
+    #[error(transparent)]
+    Disk(#[from] crate::host::disk::DiskError),
+    /// A plan that cannot be carried out (no uplink for nat, …).
+    #[error("{0}")]
+    Plan(String),
     /// Writing the journal.
     #[error("journal write failed")]
     Store(#[from] StoreError),
@@ -171,33 +198,75 @@ impl VmPaths {
     }
 }
 
+/// The host implementations a lifecycle drives: real ones in the daemon,
+/// fakes in unit tests.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// VMM processes.
+    pub procs: Arc<dyn ProcessHost>,
+    /// Taps, addresses, sysctls.
+    pub net: Arc<dyn NetHost>,
+    /// nftables.
+    pub firewall: Arc<dyn Firewall>,
+    /// Root disks.
+    pub disk: Arc<dyn DiskHost>,
+}
+
 /// Owns every VM: the store, the host, the VMM backend, the per-VM locks.
 #[derive(Debug)]
 pub struct Lifecycle {
     store: Arc<Store>,
     config: Config,
     procs: Arc<dyn ProcessHost>,
+    net: Arc<dyn NetHost>,
+    firewall: Arc<dyn Firewall>,
+    disk: Arc<dyn DiskHost>,
     vmm: Arc<dyn Backend>,
+    host_net: HostNet,
+    disk_strategy: DiskStrategy,
+    forwarding_enabled: std::sync::atomic::AtomicBool,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    create_lock: Mutex<()>,
     me: Weak<Lifecycle>,
 }
 
 impl Lifecycle {
-    /// A lifecycle over the given store, host and backend.
+    /// A lifecycle over the given store, host and backend. `host_net` is
+    /// what the daemon found out about the host's network at start; the
+    /// configured disk strategy is resolved here (`auto` → dm-snapshot where
+    /// device-mapper works, else copy).
     pub fn new(
         store: Arc<Store>,
         config: Config,
-        procs: Arc<dyn ProcessHost>,
+        host: Host,
         vmm: Arc<dyn Backend>,
+        host_net: HostNet,
     ) -> Arc<Lifecycle> {
+        let disk_strategy = match config.disk_strategy {
+            DiskStrategy::Auto if host.disk.dm_available() => DiskStrategy::DmSnapshot,
+            DiskStrategy::Auto => DiskStrategy::Copy,
+            other => other,
+        };
         Arc::new_cyclic(|me| Lifecycle {
             store,
             config,
-            procs,
+            procs: host.procs,
+            net: host.net,
+            firewall: host.firewall,
+            disk: host.disk,
             vmm,
+            host_net,
+            disk_strategy,
+            forwarding_enabled: std::sync::atomic::AtomicBool::new(false),
             locks: Mutex::new(HashMap::new()),
+            create_lock: Mutex::new(()),
             me: me.clone(),
         })
+    }
+
+    /// The root disk strategy in force (never `auto`).
+    pub fn disk_strategy(&self) -> DiskStrategy {
+        self.disk_strategy
     }
 
     /// The configuration in force.
@@ -251,7 +320,23 @@ impl Lifecycle {
     /// Validates `req` completely, then records the VM in state `created`.
     /// Nothing is written if anything is wrong.
     pub fn create(&self, req: CreateVmRequest) -> Result<Vm, LifecycleError> {
-        let spec = validate::create_request(&req)?;
+        let (spec, caps) = validate::create_request(&req)?;
+        // Held from the conflict check to the insert, so two creates
+        // cannot both claim one host port. Only store reads inside.
+        let _create = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let others: Vec<_> = self
+            .store
+            .list()?
+            .into_iter()
+            .filter_map(|r| r.spec.ok())
+            .map(|s| crate::capability::parse_all(&s.capabilities).unwrap_or_default())
+            .collect();
+        crate::capability::check_conflicts(&caps, &others).map_err(|reason| {
+            LifecycleError::Conflict {
+                what: "capabilities",
+                reason,
+            }
+        })?;
         let row = self.store.insert_vm(Uuid::now_v7(), &req.name, &spec)?;
         tracing::info!(vm = %req.name, id = %row.id, "created");
         Ok(row.to_api())
@@ -273,6 +358,33 @@ impl Lifecycle {
         Ok(self.store.events(Some(row.id), since, 10_000)?)
     }
 
+    /// Makes sure `tap_pool_prewarm` idle taps exist, kernel side included
+    /// (after a host reboot the rows are there but the taps are not). Each
+    /// new tap's row is written before the tap is created.
+    pub async fn prewarm_taps(&self) -> Result<(), LifecycleError> {
+        let want = self.config.tap_pool_prewarm as usize;
+        let mut idle: Vec<String> = self
+            .store
+            .taps()?
+            .into_iter()
+            .filter(|t| t.vm_id.is_none())
+            .map(|t| t.name)
+            .collect();
+        while idle.len() < want {
+            match self.store.add_idle_tap(self.config.pool().slots())? {
+                Some(name) => idle.push(name),
+                None => break,
+            }
+        }
+        for name in idle.iter().take(want) {
+            self.net.create_tap(name).await?;
+        }
+        if want > 0 {
+            tracing::info!(taps = idle.len().min(want), "tap pool pre-warmed");
+        }
+        Ok(())
+    }
+
     /// The runtime to drive a teardown from: the stored one, or — when the
     /// record is corrupt — one rebuilt from the paths every VM's objects
     /// have, so the VMM can still be found by its API socket.
@@ -291,7 +403,23 @@ impl Lifecycle {
     }
 }
 
-/// True when a runtime record still names a process or a file to remove.
+/// True when a runtime record still names a process, kernel object or
+/// file to remove.
 pub fn holds_resources(rt: &Runtime) -> bool {
-    rt.pid.is_some() || rt.api_socket.is_some() || rt.metrics_path.is_some()
+    rt.pid.is_some()
+        || rt.api_socket.is_some()
+        || rt.metrics_path.is_some()
+        || rt.tap.is_some()
+        || rt.firewall.is_some()
+        || rt.disk.is_some()
+}
+
+/// The guest's MAC: locally administered, unicast, from the VM id's random
+/// tail, so it is stable across restarts.
+pub fn mac_for(id: Uuid) -> String {
+    let b = id.as_bytes();
+    format!(
+        "06:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[11], b[12], b[13], b[14], b[15]
+    )
 }

@@ -5,11 +5,22 @@
 //!  1. state → starting, runtime.vm_dir          (store)   then mkdir
 //!  2. runtime.api_socket, logs, metrics paths   (store)   then remove a stale
 //!                                                          socket, create files
-//!  3. spawn the VMM in its own session                     then runtime.pid +
+//!  3. tap reserved in the pool + runtime.tap,
+//!     addresses, MAC (one store transaction)              then create the tap,
+//!                                                          flush and address it
+//!  4. runtime.disk (copy: the file; dm: link,
+//!     cow file, each loop's backing file, the
+//!     dm name)                                 (store)   then copy / attach /
+//!                                                          create, recording
+//!                                                          each loop device
+//!  5. runtime.firewall = the VM's rules         (store)   then one nft
+//!                                                          transaction
+//!  6. spawn the VMM in its own session                     then runtime.pid +
 //!                                                          start time (store)
-//!  4. PUT /logger, /metrics, /machine-config, /boot-source, /drives/rootfs
-//!  5. PUT /actions InstanceStart
-//!  6. state → running                            (store)   then watch the pid
+//!  7. PUT /logger, /metrics, /machine-config, /boot-source, /drives/rootfs,
+//!     /network-interfaces/eth0 (the tap must still exist)
+//!  8. PUT /actions InstanceStart
+//!  9. state → running                            (store)   then watch the pid
 //! ```
 //!
 //! A failure anywhere runs the one teardown routine over whatever the
@@ -17,13 +28,19 @@
 //! spawn and its store write the pid is unknown, but the API socket path
 //! on the VMM's command line was recorded in 2, so teardown finds it.
 
-use hearth_api::{Runtime, Vm, VmSpec, VmState};
+use std::path::PathBuf;
+
+use hearth_api::{DiskRecord, Runtime, Vm, VmRules, VmSpec, VmState, short_id};
 use uuid::Uuid;
 
-use super::{Lifecycle, LifecycleError, StepError, VmPaths, error_chain, holds_resources};
+use super::{Lifecycle, LifecycleError, StepError, VmPaths, error_chain, holds_resources, mac_for};
+use crate::config::DiskStrategy;
 use crate::host::SpawnSpec;
 use crate::store::{Transition, now_ms};
 use crate::vmm::ApiCall;
+
+/// Each tap's subnet is a /30: the tap, the guest, network and broadcast.
+pub const TAP_PREFIX_LEN: u8 = 30;
 
 fn io(op: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> StepError {
     let path = path.to_owned();
@@ -171,7 +188,65 @@ impl Lifecycle {
             .map_err(io("create VMM log", &paths.vmm_log))?;
         std::fs::File::create(&paths.metrics).map_err(io("create metrics file", &paths.metrics))?;
 
-        // 3. The VMM, in its own session; pid and start time right after.
+        // 3. The tap: reserved in the pool in the same transaction that
+        //    names it (and its addresses) in the runtime, then made.
+        let pool = self.config.pool();
+        let mac = mac_for(id);
+        let (tap, _) = self
+            .store
+            .reserve_tap(id, generation, pool.slots(), |name, idx| {
+                let (host, guest) = pool.slot(idx);
+                rt.tap = Some(name.to_owned());
+                rt.host_ip = Some(host);
+                rt.guest_ip = Some(guest);
+                rt.prefix_len = Some(TAP_PREFIX_LEN);
+                rt.mac = Some(mac.clone());
+                rt.clone()
+            })?;
+        let (host_ip, guest_ip) = match (rt.host_ip, rt.guest_ip) {
+            (Some(h), Some(g)) => (h, g),
+            _ => return Err(StepError::Plan("tap reserved without addresses".into())),
+        };
+        self.net.create_tap(&tap).await?;
+        self.net
+            .configure_tap(&tap, host_ip, TAP_PREFIX_LEN)
+            .await?;
+
+        // 4. The root disk.
+        let drive = self.prepare_disk(id, generation, spec, paths, rt).await?;
+
+        // 5. Firewall: the plan is recorded, then applied in one transaction.
+        let mut plan = VmRules {
+            short_id: short_id(&id),
+            vm_id: id.to_string(),
+            tap: tap.clone(),
+            guest_ip,
+            nat_uplink: None,
+            port_forwards: Vec::new(),
+        };
+        let caps = crate::capability::parse_all(&spec.capabilities).map_err(StepError::Plan)?;
+        for cap in &caps {
+            cap.setup(&self.host_net, &mut plan)
+                .map_err(StepError::Plan)?;
+        }
+        // Loopback-sourced connections DNATed to the guest must be allowed
+        // to leave through the tap.
+        let localnet = if plan.port_forwards.is_empty() {
+            "0"
+        } else {
+            "1"
+        };
+        self.net
+            .set_sysctl(&format!("net.ipv4.conf.{tap}.route_localnet"), localnet)?;
+        if !plan.is_empty() {
+            self.enable_forwarding()?;
+            rt.firewall = Some(plan.clone());
+            self.store.set_runtime(id, generation, rt)?;
+            rt.firewall_handles = self.firewall.apply(&plan).await?;
+            self.store.set_runtime(id, generation, rt)?;
+        }
+
+        // 6. The VMM, in its own session; pid and start time right after.
         let (program, args) = self.vmm.command(&paths.api_socket, &id.to_string());
         let (pid, start_time) = self.procs.spawn(&SpawnSpec {
             program,
@@ -182,13 +257,18 @@ impl Lifecycle {
         rt.pid_start_time = Some(start_time);
         self.store.set_runtime(id, generation, rt)?;
 
-        // 4–5. Configure and boot.
+        // 7–8. Configure and boot.
         let procs = self.procs.clone();
         let alive = move || procs.is_alive(pid, start_time, None);
         let mut api = self
             .vmm
             .connect(&paths.api_socket, self.config.vmm_ready_timeout(), &alive)
             .await?;
+        let netmask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(TAP_PREFIX_LEN)));
+        let boot_args = format!(
+            "{} ip={guest_ip}::{host_ip}:{netmask}::eth0:off:{}",
+            spec.kernel_args, self.config.guest_dns
+        );
         let calls = [
             ApiCall::Logger {
                 log_path: paths.vmm_log.clone(),
@@ -202,20 +282,157 @@ impl Lifecycle {
             },
             ApiCall::BootSource {
                 kernel: spec.kernel.clone(),
-                boot_args: spec.kernel_args.clone(),
+                boot_args,
                 initrd: spec.initrd.clone(),
             },
             ApiCall::Drive {
                 id: "rootfs".into(),
-                path: spec.rootfs.clone(),
+                path: drive,
                 is_root: true,
                 read_only: false,
+            },
+            ApiCall::NetworkInterface {
+                id: "eth0".into(),
+                tap: tap.clone(),
+                mac,
             },
             ApiCall::InstanceStart,
         ];
         for call in &calls {
+            if let ApiCall::NetworkInterface { tap, .. } = call {
+                // Firecracker would create a missing tap itself, unowned
+                // and unrecorded: a missing tap is an error instead.
+                if !self.net.link_exists(tap).await? {
+                    return Err(StepError::Plan(format!(
+                        "tap {tap} vanished before the VMM could open it"
+                    )));
+                }
+            }
             api.call(call).await?;
         }
         Ok(())
+    }
+
+    /// Turns on IPv4 forwarding the first time a VM needs it, and says so.
+    fn enable_forwarding(&self) -> Result<(), StepError> {
+        use std::sync::atomic::Ordering;
+        if self.forwarding_enabled.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if self.net.get_sysctl("net.ipv4.ip_forward")?.trim() != "1" {
+            self.net.set_sysctl("net.ipv4.ip_forward", "1")?;
+            tracing::info!(
+                "enabled IPv4 forwarding (net.ipv4.ip_forward=1) for VM NAT and port forwarding"
+            );
+        }
+        self.forwarding_enabled.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes (or, after a stop, re-attaches) the VM's writable root disk;
+    /// returns what Firecracker gets as its root drive.
+    async fn prepare_disk(
+        &self,
+        id: Uuid,
+        generation: u64,
+        spec: &VmSpec,
+        paths: &VmPaths,
+        rt: &mut Runtime,
+    ) -> Result<PathBuf, StepError> {
+        match self.disk_strategy {
+            DiskStrategy::DmSnapshot => self.prepare_dm(id, generation, spec, paths, rt).await,
+            DiskStrategy::Copy | DiskStrategy::Auto => {
+                let file = paths.dir.join("rootfs.img");
+                rt.disk = Some(DiskRecord {
+                    strategy: "copy".into(),
+                    image: spec.rootfs.clone(),
+                    device: Some(file.clone()),
+                    copy_file: Some(file.clone()),
+                    ..DiskRecord::default()
+                });
+                self.store.set_runtime(id, generation, rt)?;
+                // The copy persists across stops (it is the VM's disk) and
+                // is made under a temporary name, so a crash mid-copy never
+                // leaves a truncated disk that a later start would use.
+                if !file.exists() {
+                    let tmp = paths.dir.join("rootfs.img.partial");
+                    let disk = self.disk.clone();
+                    let (src, dst) = (spec.rootfs.clone(), tmp.clone());
+                    let _ = std::fs::remove_file(&tmp);
+                    let kind = tokio::task::spawn_blocking(move || disk.copy_image(&src, &dst))
+                        .await
+                        .map_err(|e| StepError::Plan(format!("copy task failed: {e}")))??;
+                    // Durable before it gets its final name: a power loss
+                    // must not leave a half-written disk under that name.
+                    std::fs::File::open(&tmp)
+                        .and_then(|f| f.sync_all())
+                        .map_err(io("sync root disk", &tmp))?;
+                    std::fs::rename(&tmp, &file).map_err(io("rename root disk", &file))?;
+                    tracing::debug!(?kind, disk = %file.display(), "root disk copied");
+                }
+                Ok(file)
+            }
+        }
+    }
+
+    async fn prepare_dm(
+        &self,
+        id: Uuid,
+        generation: u64,
+        spec: &VmSpec,
+        paths: &VmPaths,
+        rt: &mut Runtime,
+    ) -> Result<PathBuf, StepError> {
+        let origin_link = paths.dir.join("origin.img");
+        let cow_file = paths.dir.join("cow.img");
+        rt.disk = Some(DiskRecord {
+            strategy: "dm-snapshot".into(),
+            image: spec.rootfs.clone(),
+            origin_link: Some(origin_link.clone()),
+            cow_file: Some(cow_file.clone()),
+            ..DiskRecord::default()
+        });
+        self.store.set_runtime(id, generation, rt)?;
+        if !origin_link.exists() {
+            self.disk.link_or_copy(&spec.rootfs, &origin_link)?;
+        }
+        if !cow_file.exists() {
+            let size = std::fs::metadata(&spec.rootfs)
+                .map_err(io("stat image", &spec.rootfs))?
+                .len();
+            self.disk.create_sparse(&cow_file, size)?;
+        }
+        // Each loop: its backing file (the key) is recorded before the
+        // attach, the device the kernel picked right after.
+        let mut attach = |file: &PathBuf, ro: bool| -> Result<PathBuf, StepError> {
+            if let Some(d) = rt.disk.as_mut() {
+                d.attaching = Some(file.clone());
+            }
+            self.store.set_runtime(id, generation, rt)?;
+            let dev = self.disk.attach_loop(file, ro)?;
+            if let Some(d) = rt.disk.as_mut() {
+                d.attaching = None;
+                if ro {
+                    d.origin_loop = Some(dev.clone());
+                } else {
+                    d.cow_loop = Some(dev.clone());
+                }
+            }
+            self.store.set_runtime(id, generation, rt)?;
+            Ok(dev)
+        };
+        let origin = attach(&origin_link, true)?;
+        let cow = attach(&cow_file, false)?;
+        let name = format!("hearth-{}", short_id(&id));
+        if let Some(d) = rt.disk.as_mut() {
+            d.dm_name = Some(name.clone());
+        }
+        self.store.set_runtime(id, generation, rt)?;
+        let device = self.disk.dm_create_snapshot(&name, &origin, &cow)?;
+        if let Some(d) = rt.disk.as_mut() {
+            d.device = Some(device.clone());
+        }
+        self.store.set_runtime(id, generation, rt)?;
+        Ok(device)
     }
 }

@@ -3,11 +3,13 @@
 //! and recovery at daemon start (DESIGN.md, invariant 2).
 //!
 //! Teardown is driven by the runtime record alone, removes objects in the
-//! reverse order of the start journal, treats "already gone" as success,
+//! reverse order of the start journal (VMM, firewall, dm, loops, tap,
+//! files), treats "already gone" as success,
 //! clears each field only after its object is confirmed gone (persisting
 //! the record as it goes), and never stops at the first error: it tries
 //! every step and reports all failures together.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use hearth_api::{Runtime, Vm, VmState};
@@ -59,31 +61,147 @@ impl Lifecycle {
             }
         }
 
-        // Files the VMM used. The socket is the key that finds the VMM,
-        // so it goes only once the VMM is known to be gone. Console and
-        // VMM logs stay for `hearth logs` until the VM is deleted.
-        if process_gone {
-            let mut changed = false;
-            for field in [&mut rt.api_socket, &mut rt.metrics_path] {
-                if let Some(path) = field.as_deref() {
-                    match remove_file(path) {
-                        Ok(()) => {
-                            *field = None;
-                            changed = true;
-                        }
-                        Err(e) => errors.push(e),
-                    }
-                }
-            }
-            if changed && let Err(e) = self.store.set_runtime(id, generation, rt) {
+        // Every kernel object below may still be in use by a live VMM:
+        // while it could not be killed, nothing else is removed.
+        if !process_gone {
+            return Err(errors);
+        }
+
+        let persist = |rt: &Runtime, errors: &mut Vec<String>| {
+            if let Err(e) = self.store.set_runtime(id, generation, rt) {
                 errors.push(error_chain(&e).join(": "));
             }
+        };
+
+        // Firewall: the recorded plan, removed in one transaction.
+        if let Some(plan) = &rt.firewall {
+            match self.firewall.remove(plan).await {
+                Ok(()) => {
+                    rt.firewall = None;
+                    rt.firewall_handles.clear();
+                    persist(rt, &mut errors);
+                }
+                Err(e) => errors.push(error_chain(&e).join(": ")),
+            }
+        }
+
+        // Disk: dm before loops. The copy and cow files are the VM's disk
+        // and stay in its dir until delete.
+        if rt.disk.is_some() {
+            let disk_errors = self.teardown_disk(rt);
+            let gone = disk_errors.is_empty();
+            errors.extend(disk_errors);
+            if gone {
+                rt.disk = None;
+            }
+            persist(rt, &mut errors);
+        }
+
+        // The tap: back to the idle pool (cleared), or deleted when the
+        // pool has enough idle taps. The store forgets it only once the
+        // kernel side is done.
+        if let Some(tap) = rt.tap.clone() {
+            let keep = self
+                .store
+                .idle_taps()
+                .is_ok_and(|n| n < self.config.tap_pool_idle_max);
+            let done = if keep {
+                self.net.reset_tap(&tap).await
+            } else {
+                self.net.delete_link(&tap).await
+            };
+            match done {
+                Ok(()) => {
+                    rt.tap = None;
+                    rt.host_ip = None;
+                    rt.guest_ip = None;
+                    rt.prefix_len = None;
+                    rt.mac = None;
+                    if let Err(e) = self.store.release_tap(id, generation, &tap, !keep, rt) {
+                        errors.push(error_chain(&e).join(": "));
+                    }
+                }
+                Err(e) => errors.push(error_chain(&e).join(": ")),
+            }
+        }
+
+        // Files the VMM used. The socket is the key that finds the VMM,
+        // so it went only now that the VMM is known to be gone. Console
+        // and VMM logs stay for `hearth logs` until the VM is deleted.
+        let mut changed = false;
+        for field in [&mut rt.api_socket, &mut rt.metrics_path] {
+            if let Some(path) = field.as_deref() {
+                match remove_file(path) {
+                    Ok(()) => {
+                        *field = None;
+                        changed = true;
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        if changed {
+            persist(rt, &mut errors);
         }
         if errors.is_empty() {
             Ok(())
         } else {
             Err(errors)
         }
+    }
+
+    /// Removes the dm device, then the loops, clearing each field of the
+    /// disk record as its object goes. Returns the failures.
+    fn teardown_disk(&self, rt: &mut Runtime) -> Vec<String> {
+        let mut errors = Vec::new();
+        let Some(d) = rt.disk.as_mut() else {
+            return errors;
+        };
+        if let Some(name) = d.dm_name.clone() {
+            match self.disk.dm_remove(&name) {
+                Ok(()) => {
+                    d.dm_name = None;
+                    d.device = None;
+                }
+                Err(e) => {
+                    // The loops are held by the dm device: leave them.
+                    errors.push(error_chain(&e).join(": "));
+                    return errors;
+                }
+            }
+        }
+        // Loops are found by their backing files, which are unique to this
+        // VM (they lie in its dir) and were recorded before each attach.
+        // A recorded device number alone could by now name another VM's
+        // loop, if a detach went through but its store write did not.
+        let files: Vec<PathBuf> = [&d.attaching, &d.origin_link, &d.cow_file]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let mut all_gone = true;
+        for file in files {
+            match self.disk.find_loops(&file) {
+                Ok(devs) => {
+                    for dev in devs {
+                        if let Err(e) = self.disk.detach_loop(&dev) {
+                            all_gone = false;
+                            errors.push(error_chain(&e).join(": "));
+                        }
+                    }
+                }
+                Err(e) => {
+                    all_gone = false;
+                    errors.push(error_chain(&e).join(": "));
+                }
+            }
+        }
+        if all_gone {
+            d.attaching = None;
+            d.origin_loop = None;
+            d.cow_loop = None;
+        }
+        errors
     }
 
     /// Runs the teardown of a VM already in `stopping` at `generation`, then

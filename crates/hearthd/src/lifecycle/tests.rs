@@ -4,10 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_api::{CreateVmRequest, Runtime, VmSpec, VmState};
+use std::path::PathBuf;
+
+use hearth_api::{CreateVmRequest, Runtime, VmRules, VmSpec, VmState};
 
 use super::*;
+use crate::host::disk::fake::FakeDisk;
 use crate::host::fake::FakeProcesses;
+use crate::host::firewall::fake::FakeFirewall;
+use crate::host::net::NetHost;
+use crate::host::net::fake::FakeNet;
 use crate::store::Transition;
 use crate::vmm::fake::FakeVmm;
 
@@ -15,11 +21,35 @@ struct Env {
     _dir: tempfile::TempDir,
     l: Arc<Lifecycle>,
     procs: FakeProcesses,
+    net: FakeNet,
+    fw: FakeFirewall,
+    disk: FakeDisk,
     vmm: FakeVmm,
     spec: VmSpec,
 }
 
 fn env() -> Env {
+    env_with(false)
+}
+
+fn host(e: &Env) -> Host {
+    Host {
+        procs: Arc::new(e.procs.clone()),
+        net: Arc::new(e.net.clone()),
+        firewall: Arc::new(e.fw.clone()),
+        disk: Arc::new(e.disk.clone()),
+    }
+}
+
+fn uplink() -> HostNet {
+    HostNet {
+        uplink: Some("eth0".into()),
+    }
+}
+
+/// A lifecycle over fakes; `dm` makes device-mapper available (so `auto`
+/// picks dm-snapshot).
+fn env_with(dm: bool) -> Env {
     let dir = tempfile::Builder::new()
         .prefix("hearth-test-")
         .tempdir()
@@ -36,16 +66,23 @@ fn env() -> Env {
     let store = Arc::new(Store::open(&config.db_path()).unwrap());
     let procs = FakeProcesses::new();
     let vmm = FakeVmm::new(procs.clone());
-    let l = Lifecycle::new(
-        store,
-        config,
-        Arc::new(procs.clone()),
-        Arc::new(vmm.clone()),
-    );
+    let (net, fw, disk) = (FakeNet::new(), FakeFirewall::new(), FakeDisk::new());
+    disk.set_dm_available(dm);
+    NetHost::set_sysctl(&net, "net.ipv4.ip_forward", "0").unwrap();
+    let host = Host {
+        procs: Arc::new(procs.clone()),
+        net: Arc::new(net.clone()),
+        firewall: Arc::new(fw.clone()),
+        disk: Arc::new(disk.clone()),
+    };
+    let l = Lifecycle::new(store, config, host, Arc::new(vmm.clone()), uplink());
     Env {
         _dir: dir,
         l,
         procs,
+        net,
+        fw,
+        disk,
         vmm,
         spec: VmSpec {
             vcpus: 2,
@@ -83,12 +120,13 @@ impl Env {
     }
 }
 
-const START_CALLS: [&str; 6] = [
+const START_CALLS: [&str; 7] = [
     "PUT /logger",
     "PUT /metrics",
     "PUT /machine-config",
     "PUT /boot-source",
     "PUT /drives",
+    "PUT /network-interfaces",
     "InstanceStart",
 ];
 
@@ -337,8 +375,9 @@ async fn recovery_adopts_live_vmms_and_cleans_dead_ones() {
     let l2 = Lifecycle::new(
         Arc::new(Store::open(&e.l.config().db_path()).unwrap()),
         e.l.config().clone(),
-        Arc::new(e.procs.clone()),
+        host(&e),
         Arc::new(e.vmm.clone()),
+        uplink(),
     );
     e.procs
         .exit(dead.runtime.pid.unwrap(), "killed by signal 9");
@@ -390,4 +429,270 @@ async fn corrupt_runtime_is_an_error_vm_that_kill_still_cleans() {
     assert_eq!(vm.state, VmState::Stopped);
     assert!(!e.procs.live().contains(&pid));
     e.l.kill("good").await.unwrap();
+}
+
+fn with_caps(e: &Env, name: &str, caps: &[&str]) -> Vm {
+    e.l.create(CreateVmRequest {
+        name: name.into(),
+        spec: VmSpec {
+            capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            ..e.spec.clone()
+        },
+    })
+    .unwrap()
+}
+
+/// Nothing of VM `vm` is held anywhere: process, tap reservation, rules,
+/// loops, dm devices, runtime fields.
+fn assert_released(e: &Env, name: &str) {
+    let vm = e.l.get(name).unwrap();
+    assert!(!holds_resources(&vm.runtime), "{name}: {:?}", vm.runtime);
+    assert!(e.procs.live().is_empty(), "{name}: VMM left");
+    assert!(
+        e.fw.installed().is_empty(),
+        "{name}: rules left: {:?}",
+        e.fw.installed()
+    );
+    assert!(
+        e.disk.loops().is_empty(),
+        "{name}: loops left: {:?}",
+        e.disk.loops()
+    );
+    assert!(e.disk.dm_devices().is_empty(), "{name}: dm left");
+    let taps = e.l.store().taps().unwrap();
+    assert!(
+        taps.iter().all(|t| t.vm_id.is_none()),
+        "{name}: tap still reserved: {taps:?}"
+    );
+    for t in e.net.taps() {
+        assert!(
+            e.net.addrs(&t).is_empty(),
+            "{name}: tap {t} kept its address"
+        );
+    }
+}
+
+#[tokio::test]
+async fn host_resources_are_recorded_made_and_released() {
+    let e = env();
+    with_caps(&e, "a", &["nat", "port-forward=8080:80"]);
+    let vm = e.l.start("a").await.unwrap();
+    let rt = &vm.runtime;
+    let tap = rt.tap.clone().unwrap();
+    assert_eq!(tap, "hth0");
+    assert_eq!(rt.host_ip, Some("10.231.0.1".parse().unwrap()));
+    assert_eq!(rt.guest_ip, Some("10.231.0.2".parse().unwrap()));
+    assert_eq!(e.net.addrs(&tap), vec![("10.231.0.1".parse().unwrap(), 30)]);
+    assert_eq!(e.net.sysctl("net.ipv4.ip_forward").as_deref(), Some("1"));
+    let plan = rt.firewall.clone().unwrap();
+    assert_eq!(plan.nat_uplink.as_deref(), Some("eth0"));
+    assert_eq!(plan.port_forwards.len(), 1);
+    assert_eq!(e.fw.rules(&hearth_api::short_id(&vm.id)), Some(plan));
+    let disk = rt.disk.clone().unwrap();
+    assert_eq!(disk.strategy, "copy");
+    let copy = disk.device.unwrap();
+    assert!(copy.exists() && copy.starts_with(e.paths(&vm).dir));
+    assert_eq!(rt.mac.as_deref(), Some(mac_for(vm.id).as_str()));
+
+    e.l.stop("a", None).await.unwrap();
+    assert_released(&e, "a");
+    assert_eq!(
+        e.net.taps(),
+        vec![tap.clone()],
+        "an idle tap is kept for reuse"
+    );
+    assert!(copy.exists(), "the VM's disk outlives a stop");
+    // A second VM gets the idle tap, cleared.
+    with_caps(&e, "b", &[]);
+    let b = e.l.start("b").await.unwrap();
+    assert_eq!(b.runtime.tap.as_deref(), Some(tap.as_str()));
+    assert!(b.runtime.firewall.is_none(), "no capability, no rules");
+    e.l.delete("b", true).await.unwrap();
+    e.l.delete("a", false).await.unwrap();
+    assert!(!copy.exists());
+}
+
+#[tokio::test]
+async fn every_failing_host_step_unwinds_completely() {
+    let cases: [(bool, &str, &str); 8] = [
+        (false, "net", "create_tap"),
+        (false, "net", "configure_tap"),
+        (false, "fw", "apply"),
+        (false, "disk", "copy_image"),
+        (true, "disk", "link_or_copy"),
+        (true, "disk", "create_sparse"),
+        (true, "disk", "attach_loop"),
+        (true, "disk", "dm_create_snapshot"),
+    ];
+    for (dm, part, op) in cases {
+        let e = env_with(dm);
+        with_caps(&e, "a", &["nat", "port-forward=8080:80"]);
+        match part {
+            "net" => e.net.fail_at(Some(op)),
+            "fw" => e.fw.fail_at(Some(op)),
+            _ => e.disk.fail_at(Some(op)),
+        }
+        let err = e.l.start("a").await.unwrap_err();
+        assert!(
+            matches!(err, LifecycleError::StartFailed { .. }),
+            "{op}: {err}"
+        );
+        assert_eq!(e.l.get("a").unwrap().state, VmState::Error, "{op}");
+        assert_released(&e, "a");
+        e.net.fail_at(None);
+        e.fw.fail_at(None);
+        e.disk.fail_at(None);
+        let vm = e.l.start("a").await.unwrap();
+        assert_eq!(vm.state, VmState::Running, "{op}");
+        e.l.kill("a").await.unwrap();
+        assert_released(&e, "a");
+    }
+}
+
+#[tokio::test]
+async fn dm_snapshot_goes_dm_then_loops_and_keeps_the_cow_file() {
+    let e = env_with(true);
+    assert_eq!(e.l.disk_strategy(), DiskStrategy::DmSnapshot);
+    let vm = with_caps(&e, "a", &[]);
+    let vm_rt = e.l.start("a").await.unwrap().runtime;
+    let d = vm_rt.disk.unwrap();
+    let name = format!("hearth-{}", hearth_api::short_id(&vm.id));
+    assert_eq!(d.dm_name.as_deref(), Some(name.as_str()));
+    assert_eq!(d.device, Some(PathBuf::from(format!("/dev/mapper/{name}"))));
+    assert_eq!(e.disk.loops().len(), 2);
+    let origin = d.origin_link.unwrap();
+    assert!(
+        origin.starts_with(e.paths(&vm).dir),
+        "the origin loop's backing file names the VM"
+    );
+    e.l.stop("a", None).await.unwrap();
+    assert_released(&e, "a");
+    let calls = e.disk.calls();
+    let dm_at = calls
+        .iter()
+        .position(|c| c.starts_with("dm_remove"))
+        .unwrap();
+    let loop_at = calls
+        .iter()
+        .position(|c| c.starts_with("detach_loop"))
+        .unwrap();
+    assert!(dm_at < loop_at, "{calls:?}");
+    assert!(d.cow_file.unwrap().exists());
+}
+
+#[tokio::test]
+async fn a_busy_dm_device_is_reported_and_never_forgotten() {
+    let e = env_with(true);
+    let vm = with_caps(&e, "a", &[]);
+    e.l.start("a").await.unwrap();
+    let name = format!("hearth-{}", hearth_api::short_id(&vm.id));
+    e.disk.set_busy(&name, true);
+    let err = e.l.kill("a").await.unwrap_err();
+    assert!(err.to_string().contains("busy"), "{err}");
+    let vm = e.l.get("a").unwrap();
+    assert_eq!(vm.state, VmState::Error);
+    assert_eq!(
+        vm.runtime.disk.unwrap().dm_name.as_deref(),
+        Some(name.as_str())
+    );
+    e.disk.set_busy(&name, false);
+    e.l.delete("a", false).await.unwrap();
+    assert!(e.disk.dm_devices().is_empty() && e.disk.loops().is_empty());
+}
+
+/// A loop attached but whose device number was never recorded (a crash
+/// between the attach and the store write) is found by its backing file.
+#[tokio::test]
+async fn a_loop_whose_number_was_never_recorded_is_found_by_its_backing_file() {
+    let e = env_with(true);
+    let vm = with_caps(&e, "a", &[]);
+    let dir = e.paths(&vm).dir;
+    std::fs::create_dir_all(&dir).unwrap();
+    let cow = dir.join("cow.img");
+    std::fs::write(&cow, b"").unwrap();
+    let orphan = e.disk.add_orphan_loop(&cow, false);
+    let rt = Runtime {
+        vm_dir: Some(dir),
+        disk: Some(hearth_api::DiskRecord {
+            strategy: "dm-snapshot".into(),
+            cow_file: Some(cow.clone()),
+            attaching: Some(cow),
+            ..Default::default()
+        }),
+        ..Runtime::default()
+    };
+    e.l.store()
+        .transition(
+            vm.id,
+            vm.generation,
+            VmState::Created,
+            Transition {
+                to: VmState::Starting,
+                runtime: Some(&rt),
+                last_error: None,
+                reason: "start",
+            },
+        )
+        .unwrap();
+    e.l.recover().await.unwrap();
+    assert!(e.disk.loops().is_empty(), "{orphan:?} left attached");
+    assert_released(&e, "a");
+}
+
+/// The bug this design exists for, at the unit level: tap reserved and
+/// rules installed, then the daemon died. A new daemon's recovery finds
+/// both in the store and removes them.
+#[tokio::test]
+async fn recovery_removes_rules_and_tap_of_a_half_started_vm() {
+    let e = env();
+    let vm = with_caps(&e, "a", &["nat"]);
+    // Run a start whose VMM never comes up, but keep what it made: apply
+    // the same steps by hand through the store and the fakes.
+    let (tap, _) =
+        e.l.store()
+            .reserve_tap(vm.id, vm.generation, 16, |name, _| Runtime {
+                tap: Some(name.into()),
+                ..Runtime::default()
+            })
+            .unwrap();
+    let mut rt = e.l.store().get(vm.id).unwrap().runtime.unwrap();
+    let plan = VmRules {
+        short_id: hearth_api::short_id(&vm.id),
+        vm_id: vm.id.to_string(),
+        tap: tap.clone(),
+        guest_ip: "10.231.0.2".parse().unwrap(),
+        nat_uplink: Some("eth0".into()),
+        port_forwards: vec![],
+    };
+    rt.firewall = Some(plan.clone());
+    e.l.store()
+        .transition(
+            vm.id,
+            vm.generation,
+            VmState::Created,
+            Transition {
+                to: VmState::Starting,
+                runtime: Some(&rt),
+                last_error: None,
+                reason: "start",
+            },
+        )
+        .unwrap();
+    NetHost::create_tap(&e.net, &tap).await.unwrap();
+    NetHost::configure_tap(&e.net, &tap, "10.231.0.1".parse().unwrap(), 30)
+        .await
+        .unwrap();
+    e.fw.insert(plan);
+    // A new daemon: nothing in memory but the store.
+    let l2 = Lifecycle::new(
+        Arc::new(Store::open(&e.l.config().db_path()).unwrap()),
+        e.l.config().clone(),
+        host(&e),
+        Arc::new(e.vmm.clone()),
+        uplink(),
+    );
+    let report = l2.recover().await.unwrap();
+    assert_eq!(report.cleaned, 1);
+    assert_eq!(l2.get("a").unwrap().state, VmState::Stopped);
+    assert_released(&e, "a");
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use hearth_api::{CreateVmRequest, VmSpec, validate_name};
 
 use super::LifecycleError;
+use crate::capability::Capability;
 
 /// Firecracker's vCPU limit.
 pub const MAX_VCPUS: u8 = 32;
@@ -43,8 +44,11 @@ fn readable_file(field: &'static str, path: &Path) -> Result<(), LifecycleError>
     Ok(())
 }
 
-/// Checks a create request and returns the spec to store.
-pub fn create_request(req: &CreateVmRequest) -> Result<VmSpec, LifecycleError> {
+/// Checks a create request; returns the spec to store and its parsed
+/// capabilities (for the cross-VM conflict check, which needs the store).
+pub fn create_request(
+    req: &CreateVmRequest,
+) -> Result<(VmSpec, Vec<Box<dyn Capability>>), LifecycleError> {
     validate_name(&req.name).map_err(|r| invalid("name", r))?;
     let s = &req.spec;
     if s.vcpus == 0 || s.vcpus > MAX_VCPUS || (s.vcpus > 1 && !s.vcpus.is_multiple_of(2)) {
@@ -82,13 +86,18 @@ pub fn create_request(req: &CreateVmRequest) -> Result<VmSpec, LifecycleError> {
     if s.kernel_args.chars().any(|c| c.is_control()) {
         return Err(invalid("kernel_args", "control characters are not allowed"));
     }
-    if let Some(cap) = s.capabilities.first() {
+    if s.kernel_args
+        .split_whitespace()
+        .any(|a| a.starts_with("ip="))
+    {
         return Err(invalid(
-            "capabilities",
-            format!("unknown capability {cap:?} (this version has none)"),
+            "kernel_args",
+            "ip= is set by hearth from the VM's tap address",
         ));
     }
-    Ok(s.clone())
+    let caps = crate::capability::parse_all(&s.capabilities)
+        .map_err(|reason| invalid("capabilities", reason))?;
+    Ok((s.clone(), caps))
 }
 
 #[cfg(test)]
@@ -114,7 +123,7 @@ mod tests {
         }
     }
 
-    fn field_of(r: Result<VmSpec, LifecycleError>) -> &'static str {
+    fn field_of(r: Result<(VmSpec, Vec<Box<dyn Capability>>), LifecycleError>) -> &'static str {
         match r {
             Err(LifecycleError::Invalid { field, .. }) => field,
             other => panic!("expected Invalid, got {other:?}"),
@@ -166,8 +175,14 @@ mod tests {
         let mut r = good.clone();
         r.spec.kernel_args = "x".repeat(MAX_KERNEL_ARGS + 1);
         assert_eq!(field_of(create_request(&r)), "kernel_args");
-        let mut r = good;
-        r.spec.capabilities = vec!["nat".into()];
+        let mut r = good.clone();
+        r.spec.capabilities = vec!["bogus".into()];
         assert_eq!(field_of(create_request(&r)), "capabilities");
+        let mut r = good.clone();
+        r.spec.kernel_args = "console=ttyS0 ip=1.2.3.4".into();
+        assert_eq!(field_of(create_request(&r)), "kernel_args");
+        let mut r = good;
+        r.spec.capabilities = vec!["nat".into(), "port-forward=8080:80".into()];
+        assert_eq!(create_request(&r).unwrap().1.len(), 2);
     }
 }

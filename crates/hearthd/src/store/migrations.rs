@@ -35,6 +35,14 @@ const MIGRATIONS: &[&str] = &[
         reason      TEXT NOT NULL
      ) STRICT;
      CREATE INDEX events_by_vm ON events (vm_id, seq);",
+    // 1 → 2: the tap pool. A row exists before its kernel tap is created
+    // and is deleted only after the tap is gone; `vm_id` is NULL for an
+    // idle tap. Tap hth<idx> owns the idx-th subnet of the address pool.
+    "CREATE TABLE taps (
+        name        TEXT PRIMARY KEY NOT NULL,
+        idx         INTEGER NOT NULL UNIQUE,
+        vm_id       TEXT UNIQUE
+     ) STRICT;",
 ];
 
 /// The schema version this binary writes.

@@ -81,6 +81,12 @@ pub enum StoreError {
         /// The generation the caller read.
         expected: u64,
     },
+    /// Every tap index of the address pool is in use.
+    #[error("the address pool is exhausted ({capacity} taps in use)")]
+    PoolExhausted {
+        /// How many subnets the pool has.
+        capacity: u32,
+    },
     /// A JSON column could not be written.
     #[error("cannot encode {what}")]
     Encode {
@@ -180,6 +186,22 @@ pub struct Transition<'a> {
     pub last_error: Option<Option<&'a str>>,
     /// Why, for the event log.
     pub reason: &'a str,
+}
+
+/// A tap of the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapRow {
+    /// `hth<idx>`.
+    pub name: String,
+    /// Its subnet's index in the address pool.
+    pub idx: u32,
+    /// The VM holding it; `None` when idle.
+    pub vm_id: Option<Uuid>,
+}
+
+/// The name of the tap with pool index `idx`.
+pub fn tap_name(idx: u32) -> String {
+    format!("hth{idx}")
 }
 
 /// The SQLite store.
@@ -505,6 +527,173 @@ impl Store {
         Ok(rows)
     }
 
+    /// Reserves a tap for VM `id` — the one it already holds, else an idle
+    /// one, else a new row with the lowest free index below `capacity` —
+    /// and stores the runtime `fill(name, idx)` returns, all in one
+    /// transaction guarded by the VM's generation. The tap's name is thus
+    /// in the VM's record before the kernel tap is touched.
+    pub fn reserve_tap(
+        &self,
+        id: Uuid,
+        expected: u64,
+        capacity: u32,
+        fill: impl FnOnce(&str, u32) -> Runtime,
+    ) -> Result<(String, u32), StoreError> {
+        let vm = id.to_string();
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        let held: Option<(String, i64)> = tx
+            .query_row("SELECT name, idx FROM taps WHERE vm_id = ?1", [&vm], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(sql("find tap"))?;
+        let idle = || {
+            tx.query_row(
+                "SELECT name, idx FROM taps WHERE vm_id IS NULL ORDER BY idx LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()
+            .map_err(sql("find idle tap"))
+        };
+        let (name, idx) = match held {
+            Some(t) => t,
+            None => match idle()? {
+                Some(t) => t,
+                None => {
+                    let idx = next_free_idx(&tx)?;
+                    if idx >= i64::from(capacity) {
+                        return Err(StoreError::PoolExhausted { capacity });
+                    }
+                    let name = tap_name(idx as u32);
+                    tx.execute(
+                        "INSERT INTO taps (name, idx, vm_id) VALUES (?1, ?2, NULL)",
+                        params![name, idx],
+                    )
+                    .map_err(sql("insert tap"))?;
+                    (name, idx)
+                }
+            },
+        };
+        tx.execute(
+            "UPDATE taps SET vm_id = ?1 WHERE name = ?2",
+            params![vm, name],
+        )
+        .map_err(sql("reserve tap"))?;
+        let rt = fill(&name, idx as u32);
+        let json = serde_json::to_string(&rt).map_err(|source| StoreError::Encode {
+            what: "runtime",
+            source,
+        })?;
+        let changed = tx
+            .execute(
+                "UPDATE vms SET runtime = ?1, updated_at = ?2 WHERE id = ?3 AND generation = ?4",
+                params![json, now_ms(), vm, expected as i64],
+            )
+            .map_err(sql("update runtime"))?;
+        if changed == 0 {
+            return Err(self.missing_or_stale(&tx, id, expected));
+        }
+        tx.commit().map_err(sql("commit"))?;
+        Ok((name, idx as u32))
+    }
+
+    /// Gives VM `id`'s tap `name` back to the pool and stores `rt` (which no
+    /// longer names it), in one transaction. With `delete_row` the row goes
+    /// too: only once the kernel tap is gone.
+    pub fn release_tap(
+        &self,
+        id: Uuid,
+        expected: u64,
+        name: &str,
+        delete_row: bool,
+        rt: &Runtime,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(rt).map_err(|source| StoreError::Encode {
+            what: "runtime",
+            source,
+        })?;
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        let changed = tx
+            .execute(
+                "UPDATE vms SET runtime = ?1, updated_at = ?2 WHERE id = ?3 AND generation = ?4",
+                params![json, now_ms(), id.to_string(), expected as i64],
+            )
+            .map_err(sql("update runtime"))?;
+        if changed == 0 {
+            return Err(self.missing_or_stale(&tx, id, expected));
+        }
+        let stmt = if delete_row {
+            "DELETE FROM taps WHERE name = ?1 AND (vm_id = ?2 OR vm_id IS NULL)"
+        } else {
+            "UPDATE taps SET vm_id = NULL WHERE name = ?1 AND vm_id = ?2"
+        };
+        tx.execute(stmt, params![name, id.to_string()])
+            .map_err(sql("release tap"))?;
+        tx.commit().map_err(sql("commit"))?;
+        Ok(())
+    }
+
+    /// Adds an idle tap row (pre-warming the pool), before its kernel tap
+    /// is created. Returns `None` when the pool is at `capacity`.
+    pub fn add_idle_tap(&self, capacity: u32) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        let idx = next_free_idx(&tx)?;
+        if idx >= i64::from(capacity) {
+            return Ok(None);
+        }
+        let name = tap_name(idx as u32);
+        tx.execute(
+            "INSERT INTO taps (name, idx, vm_id) VALUES (?1, ?2, NULL)",
+            params![name, idx],
+        )
+        .map_err(sql("insert tap"))?;
+        tx.commit().map_err(sql("commit"))?;
+        Ok(Some(name))
+    }
+
+    /// Deletes an idle tap's row (after its kernel tap is gone).
+    pub fn delete_idle_tap(&self, name: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM taps WHERE name = ?1 AND vm_id IS NULL", [name])
+            .map_err(sql("delete tap"))?;
+        Ok(())
+    }
+
+    /// Every tap of the pool.
+    pub fn taps(&self) -> Result<Vec<TapRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT name, idx, vm_id FROM taps ORDER BY idx")
+            .map_err(sql("list taps"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let vm: Option<String> = r.get(2)?;
+                Ok(TapRow {
+                    name: r.get(0)?,
+                    idx: r.get::<_, i64>(1)? as u32,
+                    vm_id: vm.and_then(|v| Uuid::parse_str(&v).ok()),
+                })
+            })
+            .map_err(sql("list taps"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql("list taps"))?;
+        Ok(rows)
+    }
+
+    /// How many taps are idle.
+    pub fn idle_taps(&self) -> Result<u32, StoreError> {
+        self.conn()
+            .query_row("SELECT COUNT(*) FROM taps WHERE vm_id IS NULL", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u32)
+            .map_err(sql("count idle taps"))
+    }
+
     /// `PRAGMA integrity_check`: `Ok(())` or the problems SQLite lists.
     pub fn integrity_check(&self) -> Result<Result<(), String>, StoreError> {
         let conn = self.conn();
@@ -526,6 +715,18 @@ impl Store {
             .map_err(sql("corrupt runtime"))?;
         Ok(())
     }
+}
+
+/// The lowest tap index no row uses.
+fn next_free_idx(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row(
+        "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM taps WHERE idx = 0) THEN 0 ELSE
+            (SELECT MIN(t.idx) + 1 FROM taps t
+             WHERE NOT EXISTS (SELECT 1 FROM taps u WHERE u.idx = t.idx + 1)) END",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(sql("next tap index"))
 }
 
 #[cfg(test)]

@@ -159,3 +159,61 @@ fn older_schema_is_upgraded() {
     let s = Store::open(&path).unwrap();
     s.insert_vm(Uuid::now_v7(), "a", &spec()).unwrap();
 }
+
+#[test]
+fn tap_pool_reserve_release_reuse() {
+    let (_d, s) = open();
+    let a = Uuid::now_v7();
+    let b = Uuid::now_v7();
+    s.insert_vm(a, "a", &spec()).unwrap();
+    s.insert_vm(b, "b", &spec()).unwrap();
+    let fill = |name: &str, _idx: u32| Runtime {
+        tap: Some(name.to_owned()),
+        ..Default::default()
+    };
+    let (ta, ia) = s.reserve_tap(a, 1, 4, fill).unwrap();
+    assert_eq!((ta.as_str(), ia), ("hth0", 0));
+    assert_eq!(
+        s.get(a).unwrap().runtime.unwrap().tap.as_deref(),
+        Some("hth0")
+    );
+    // Reserving again returns the tap it holds.
+    assert_eq!(s.reserve_tap(a, 1, 4, fill).unwrap().0, "hth0");
+    let (tb, _) = s.reserve_tap(b, 1, 4, fill).unwrap();
+    assert_eq!(tb, "hth1");
+    // Release a's: it becomes idle and is handed to the next VM.
+    s.release_tap(a, 1, "hth0", false, &Runtime::default())
+        .unwrap();
+    assert_eq!(s.idle_taps().unwrap(), 1);
+    assert!(s.get(a).unwrap().runtime.unwrap().tap.is_none());
+    let c = Uuid::now_v7();
+    s.insert_vm(c, "c", &spec()).unwrap();
+    assert_eq!(s.reserve_tap(c, 1, 4, fill).unwrap().0, "hth0");
+    // Deleting a row frees its index for a new tap.
+    s.release_tap(b, 1, "hth1", true, &Runtime::default())
+        .unwrap();
+    assert_eq!(s.taps().unwrap().len(), 1);
+    assert_eq!(s.reserve_tap(b, 1, 4, fill).unwrap().0, "hth1");
+    // A stale generation reserves nothing.
+    let d = Uuid::now_v7();
+    s.insert_vm(d, "d", &spec()).unwrap();
+    assert!(matches!(
+        s.reserve_tap(d, 7, 4, fill),
+        Err(StoreError::StaleGeneration { .. })
+    ));
+    assert_eq!(s.taps().unwrap().len(), 2);
+    // Capacity is enforced.
+    assert_eq!(s.add_idle_tap(4).unwrap().as_deref(), Some("hth2"));
+    assert_eq!(s.add_idle_tap(4).unwrap().as_deref(), Some("hth3"));
+    assert_eq!(s.add_idle_tap(4).unwrap(), None);
+    s.reserve_tap(d, 1, 4, fill).unwrap();
+    let e = Uuid::now_v7();
+    s.insert_vm(e, "e", &spec()).unwrap();
+    s.reserve_tap(e, 1, 4, fill).unwrap();
+    let f = Uuid::now_v7();
+    s.insert_vm(f, "f", &spec()).unwrap();
+    assert!(matches!(
+        s.reserve_tap(f, 1, 4, fill),
+        Err(StoreError::PoolExhausted { capacity: 4 })
+    ));
+}

@@ -64,6 +64,11 @@ pub fn request_of(call: &ApiCall) -> (&'static str, String, serde_json::Value) {
             format!("/drives/{id}"),
             json!({"drive_id": id, "path_on_host": path, "is_root_device": is_root, "is_read_only": read_only}),
         ),
+        ApiCall::NetworkInterface { id, tap, mac } => (
+            "PUT",
+            format!("/network-interfaces/{id}"),
+            json!({"iface_id": id, "host_dev_name": tap, "guest_mac": mac}),
+        ),
         ApiCall::InstanceStart => (
             "PUT",
             "/actions".into(),

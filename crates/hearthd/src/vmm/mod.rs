@@ -102,6 +102,15 @@ pub enum ApiCall {
         /// Read-only?
         read_only: bool,
     },
+    /// `PUT /network-interfaces/{id}`.
+    NetworkInterface {
+        /// Interface id (`eth0`).
+        id: String,
+        /// The host tap.
+        tap: String,
+        /// The guest's MAC.
+        mac: String,
+    },
     /// `PUT /actions {"action_type":"InstanceStart"}`.
     InstanceStart,
     /// `PUT /actions {"action_type":"SendCtrlAltDel"}`.
@@ -117,6 +126,7 @@ impl ApiCall {
             ApiCall::MachineConfig { .. } => "PUT /machine-config",
             ApiCall::BootSource { .. } => "PUT /boot-source",
             ApiCall::Drive { .. } => "PUT /drives",
+            ApiCall::NetworkInterface { .. } => "PUT /network-interfaces",
             ApiCall::InstanceStart => "InstanceStart",
             ApiCall::SendCtrlAltDel => "SendCtrlAltDel",
         }

@@ -63,7 +63,12 @@ fn run(cmd: &mut Command) -> Output {
 /// One isolated hearth host.
 pub struct TestEnv {
     pub dir: tempfile::TempDir,
+    /// Where hearthd runs: the "host".
     pub netns: String,
+    /// Beyond the host's uplink: the "internet" ([`OUTER_IP`]).
+    pub outer_ns: String,
+    /// Replaces the VMM binary for this env's daemon.
+    pub vmm_override: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub kernel: PathBuf,
@@ -82,10 +87,39 @@ impl TestEnv {
             .tempdir()
             .unwrap();
         let netns = format!("hearth-{tag}-{}", std::process::id());
-        assert!(netns.len() < 64);
-        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
-        run(Command::new("ip").args(["netns", "add", &netns]));
-        run(Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]));
+        let outer_ns = format!("{netns}-out");
+        for ns in [&netns, &outer_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            run(Command::new("ip").args(["netns", "add", ns]));
+            run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]));
+        }
+        // The host's uplink: a veth pair (this kernel has no dummy driver)
+        // from the host namespace to the outer one, with the default route.
+        run(Command::new("ip").args([
+            "-n", &netns, "link", "add", UPLINK, "type", "veth", "peer", "name", "hthx0", "netns",
+            &outer_ns,
+        ]));
+        run(Command::new("ip").args([
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{HOST_UPLINK_IP}/24"),
+            "dev",
+            UPLINK,
+        ]));
+        run(Command::new("ip").args(["-n", &netns, "link", "set", UPLINK, "up"]));
+        run(Command::new("ip").args(["-n", &netns, "route", "add", "default", "via", OUTER_IP]));
+        run(Command::new("ip").args([
+            "-n",
+            &outer_ns,
+            "addr",
+            "add",
+            &format!("{OUTER_IP}/24"),
+            "dev",
+            "hthx0",
+        ]));
+        run(Command::new("ip").args(["-n", &outer_ns, "link", "set", "hthx0", "up"]));
         let kernel = dir.path().join("vmlinux.bin");
         run(Command::new(bin("hearth-testvmm"))
             .arg("--write-test-guest")
@@ -100,6 +134,8 @@ impl TestEnv {
         TestEnv {
             dir,
             netns,
+            outer_ns,
+            vmm_override: None,
             state_dir,
             socket,
             kernel,
@@ -129,7 +165,7 @@ impl TestEnv {
             .arg("--socket")
             .arg(&self.socket)
             .arg("--vmm-binary")
-            .arg(vmm_binary())
+            .arg(self.vmm_override.clone().unwrap_or_else(vmm_binary))
             .env("HEARTH_CONFIG", "/dev/null")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -331,8 +367,50 @@ impl Drop for TestEnv {
         while !self.processes().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .output();
+        for ns in [&self.netns, &self.outer_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
     }
+}
+
+/// The host's uplink in [`TestEnv::netns`].
+pub const UPLINK: &str = "hthu0";
+/// The host's address on its uplink.
+pub const HOST_UPLINK_IP: &str = "192.0.2.1";
+/// The far end of the uplink, in [`TestEnv::outer_ns`].
+pub const OUTER_IP: &str = "192.0.2.2";
+
+/// Runs `f` on a thread inside network namespace `ns`.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&file),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
+        f()
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Runs a command inside namespace `ns`; returns stdout, asserting success.
+pub fn ns_cmd(ns: &str, args: &[&str]) -> String {
+    let out = run(Command::new("ip").args(["netns", "exec", ns]).args(args));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Sends `line` to `addr` over TCP and reads one line back.
+pub fn tcp_line(addr: &str, line: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(line.as_bytes())?;
+    let mut r = std::io::BufReader::new(s);
+    let mut out = String::new();
+    r.read_line(&mut out)?;
+    Ok(out)
 }
