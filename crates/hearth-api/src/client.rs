@@ -170,4 +170,5 @@ pub async fn request(
         .await
 }
 
+pub use hyper::body::Incoming as HttpBody;
 pub use hyper::{Method as HttpMethod, StatusCode as HttpStatus};

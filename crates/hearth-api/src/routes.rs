@@ -16,6 +16,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/vms/{vm}/kill"),
     ("GET", "/v1/vms/{vm}/console"),
     ("GET", "/v1/vms/{vm}/events"),
+    ("GET", "/v1/leaks"),
+    ("POST", "/v1/gc"),
+    ("GET", "/v1/vms/{vm}/stats"),
+    ("POST", "/v1/vms/{vm}/ttl"),
+    ("GET", "/v1/stats"),
+    ("GET", "/v1/events"),
+    // Prometheus scrapes `/metrics` by convention: not versioned.
+    ("GET", "/metrics"),
 ];
 
 /// `/v1/vms/{vm}` for a VM id or name.
@@ -26,4 +34,15 @@ pub fn vm(vm: &str) -> String {
 /// `/v1/vms/{vm}/{action}`.
 pub fn vm_action(vm: &str, action: &str) -> String {
     format!("/v1/vms/{vm}/{action}")
+}
+
+/// `/v1/events?since=<seq>&follow=<bool>[&vm=<vm>]`; `vm` must already be
+/// percent-encoded.
+pub fn events(since: i64, follow: bool, vm: Option<&str>) -> String {
+    let mut uri = format!("/v1/events?since={since}&follow={follow}");
+    if let Some(vm) = vm {
+        uri.push_str("&vm=");
+        uri.push_str(vm);
+    }
+    uri
 }

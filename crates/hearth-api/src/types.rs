@@ -47,6 +47,20 @@ pub struct CreateVmRequest {
     pub name: String,
     /// What to run.
     pub spec: VmSpec,
+    /// A lease: the VM may run until this many seconds after the create,
+    /// then it is stopped (see `POST /v1/vms/{vm}/ttl`). None: no limit.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// `POST /v1/vms/{vm}/ttl`: sets a VM's lease to end `ttl_secs` from now,
+/// or clears it (`null` or absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtlRequest {
+    /// Seconds from now; `None` clears the deadline.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
 }
 
 /// `POST /v1/vms/{vm}/stop`.
@@ -241,6 +255,90 @@ pub struct Vm {
     /// Why the last operation failed, if it did.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Unix time (ms) the VM's TTL ends: if it is running then, it is
+    /// stopped, and the deadline is cleared either way.
+    #[serde(default)]
+    pub ttl_deadline_ms: Option<i64>,
+}
+
+/// A VM's resource usage, as the stats poller last sampled it
+/// (`GET /v1/vms/{vm}/stats`, `GET /v1/stats`). The usage fields are
+/// `None` when the VM is not running or has not been sampled yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    /// The VM.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its state now.
+    pub state: VmState,
+    /// The VMM's pid, while running.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// CPU time (user + system) the VMM has used, in ms.
+    #[serde(default)]
+    pub cpu_ms: Option<u64>,
+    /// The VMM's resident memory (guest memory it touched included).
+    #[serde(default)]
+    pub rss_bytes: Option<u64>,
+    /// Time since the VM answered InstanceStart, in ms.
+    #[serde(default)]
+    pub uptime_ms: Option<u64>,
+    /// Unix time (ms) of the sample.
+    #[serde(default)]
+    pub sampled_at_ms: Option<i64>,
+    /// Unix time (ms) the VM's TTL ends, if it has one.
+    #[serde(default)]
+    pub ttl_deadline_ms: Option<i64>,
+    /// The last complete flush of Firecracker's metrics file, as written
+    /// (Firecracker's counters are deltas since the previous flush).
+    #[serde(default)]
+    pub vmm_metrics: Option<serde_json::Value>,
+}
+
+/// What an [`Event`] records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A state change (`from` → `to`).
+    #[default]
+    Transition,
+    /// A teardown removed objects or failed; `reason` says which. `to` is
+    /// the VM's state at the time.
+    Teardown,
+    /// The orphan sweep removed something of this VM.
+    Sweep,
+    /// A kind this build does not know (sent by a newer daemon).
+    #[serde(other)]
+    Other,
+}
+
+impl EventKind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Transition => "transition",
+            EventKind::Teardown => "teardown",
+            EventKind::Sweep => "sweep",
+            EventKind::Other => "other",
+        }
+    }
+
+    /// The kind with wire name `s`; [`EventKind::Other`] when unknown.
+    pub fn parse(s: &str) -> EventKind {
+        match s {
+            "transition" => EventKind::Transition,
+            "teardown" => EventKind::Teardown,
+            "sweep" => EventKind::Sweep,
+            _ => EventKind::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An entry of the append-only event log.
@@ -252,14 +350,17 @@ pub struct Event {
     pub vm_id: Uuid,
     /// Unix time (ms).
     pub at_ms: i64,
+    /// What happened; a state change unless said otherwise.
+    #[serde(default)]
+    pub kind: EventKind,
     /// State before, if this is a transition.
     #[serde(default)]
     pub from: Option<VmState>,
-    /// State after.
+    /// State after (for other kinds: the state at the time).
     pub to: VmState,
     /// Generation after.
     pub generation: u64,
-    /// Why (operation, exit status, error).
+    /// Why (operation, exit status, error; for a teardown, what it removed).
     pub reason: String,
 }
 
@@ -291,6 +392,21 @@ pub struct Version {
     pub version: String,
     /// The VMM binary the daemon is configured with.
     pub vmm_binary: String,
+}
+
+/// A kernel object or file that carries hearth's mark but that no VM
+/// record claims (`GET /v1/leaks`, `POST /v1/gc`, `hearth doctor --leaks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orphan {
+    /// `process`, `firewall`, `dm`, `loop`, `tap`, `vm-dir`.
+    pub kind: String,
+    /// What it is (`pid 123 (--api-sock …)`, `vm-ab12cd…`, `hth7`, …).
+    pub object: String,
+    /// Why it is considered orphaned.
+    pub reason: String,
+    /// After a removal: `None` if it is gone, else why not.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// The VM's short id: the last 12 hex digits of its UUID (UUIDv7's random
@@ -347,6 +463,20 @@ mod tests {
         assert_eq!(rt.api_socket, None);
         let rt: Runtime = serde_json::from_str("{}").unwrap();
         assert!(rt.is_empty());
+    }
+
+    #[test]
+    fn event_kinds_default_and_tolerate_unknown_ones() {
+        let old = r#"{"seq":1,"vm_id":"01a21d5a-9c84-7692-803b-094afdc392c5","at_ms":0,"to":"created","generation":1,"reason":"create"}"#;
+        let e: Event = serde_json::from_str(old).unwrap();
+        assert_eq!(e.kind, EventKind::Transition);
+        let newer = old.replace(r#""seq":1"#, r#""seq":1,"kind":"defrag""#);
+        let e: Event = serde_json::from_str(&newer).unwrap();
+        assert_eq!(e.kind, EventKind::Other);
+        for k in [EventKind::Transition, EventKind::Teardown, EventKind::Sweep] {
+            assert_eq!(EventKind::parse(k.as_str()), k);
+            assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{k}\""));
+        }
     }
 
     #[test]

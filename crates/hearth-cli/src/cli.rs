@@ -83,10 +83,45 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         tail: Option<u64>,
     },
-    /// Print a VM's state changes.
-    Events(VmArg),
+    /// Print events (state changes, teardown and sweep actions) of one VM
+    /// or of all; `-f` keeps printing new ones as they happen.
+    Events {
+        /// VM name or id [default: every VM].
+        vm: Option<String>,
+        /// Keep printing new events until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only events after this sequence number (resume where a previous
+        /// run stopped).
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        since: i64,
+    },
     /// Check this host for what hearthd needs (does not need the daemon).
-    Doctor,
+    Doctor {
+        /// Instead, list kernel objects and files that carry hearth's mark
+        /// but that no VM record claims; exits 1 if there are any. Asks
+        /// hearthd, or reads the store directly when it is not running.
+        #[arg(long)]
+        leaks: bool,
+    },
+    /// Remove what `doctor --leaks` lists, in dependency order. Asks
+    /// hearthd, or works from the store directly when it is not running.
+    Gc,
+    /// Show VMs' resource usage (CPU time, RSS, uptime) as the daemon
+    /// last sampled it; `--json` adds Firecracker's metrics.
+    Stats {
+        /// VM name or id [default: every VM].
+        vm: Option<String>,
+    },
+    /// Set a VM's TTL to end DURATION from now (`90s`, `30m`, `2h`), or
+    /// remove it (`none`). A running VM is stopped when its TTL ends.
+    Ttl {
+        /// VM name or id.
+        vm: String,
+        /// How long from now, or `none`.
+        #[arg(value_name = "DURATION|none", value_parser = parse_ttl_or_none)]
+        ttl: TtlArg,
+    },
     /// Print the CLI's and the daemon's versions.
     Version,
     /// Print a shell completion script to stdout.
@@ -129,6 +164,31 @@ pub struct CreateArgs {
     /// A capability (feature) for the VM; repeatable.
     #[arg(long = "cap", value_name = "CAP")]
     pub caps: Vec<String>,
+    /// Stop the VM once this long has passed since the create (`90s`,
+    /// `30m`, `2h`); `hearth ttl` changes it later.
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    pub ttl: Option<u64>,
+}
+
+/// `hearth ttl`'s argument: seconds, or `None` for `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtlArg(pub Option<u64>);
+
+/// A duration as humantime reads it (`90s`, `30m`, `2h`, `1h 30m`), in
+/// whole seconds. Whether the value is allowed is the daemon's call.
+pub fn parse_ttl(s: &str) -> Result<u64, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 90s, 30m, 2h)"))?;
+    if d.subsec_nanos() != 0 {
+        return Err("a TTL is counted in whole seconds".into());
+    }
+    Ok(d.as_secs())
+}
+
+fn parse_ttl_or_none(s: &str) -> Result<TtlArg, String> {
+    if s == "none" {
+        return Ok(TtlArg(None));
+    }
+    parse_ttl(s).map(|secs| TtlArg(Some(secs)))
 }
 
 /// The socket to talk to: `--socket`, else `$HEARTH_SOCKET` (`env`, passed
@@ -225,6 +285,20 @@ mod tests {
     }
 
     #[test]
+    fn events_vm_is_optional() {
+        let cli = parse(&["hearth", "events"]);
+        let Command::Events { vm, follow, since } = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!((vm, follow, since), (None, false, 0));
+        let cli = parse(&["hearth", "events", "-f", "web", "--since", "42"]);
+        let Command::Events { vm, follow, since } = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!((vm.as_deref(), follow, since), (Some("web"), true, 42));
+    }
+
+    #[test]
     fn rm_force_and_alias() {
         for args in [
             ["hearth", "rm", "--force", "web"],
@@ -289,6 +363,39 @@ mod tests {
         assert!(matches!(cli.command, Command::Create(a) if a.vcpus == 3 && a.name == "BAD_NAME"));
         assert!(Cli::try_parse_from(["hearth", "completions", "bash"]).is_ok());
         assert!(Cli::try_parse_from(["hearth", "completions", "tcsh"]).is_err());
+    }
+
+    #[test]
+    fn ttls_parse_as_durations() {
+        let cli = parse(&[
+            "hearth", "run", "a", "--kernel", "k", "--rootfs", "r", "--ttl", "30m",
+        ]);
+        assert!(matches!(cli.command, Command::Run(a) if a.ttl == Some(1800)));
+        let cli = parse(&["hearth", "create", "a", "--kernel", "k", "--rootfs", "r"]);
+        assert!(matches!(cli.command, Command::Create(a) if a.ttl.is_none()));
+        for (arg, want) in [("2h", Some(7200)), ("90s", Some(90)), ("none", None)] {
+            match parse(&["hearth", "ttl", "web", arg]).command {
+                Command::Ttl { vm, ttl } => assert_eq!((vm.as_str(), ttl), ("web", TtlArg(want))),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Zero is a duration (the daemon refuses it); these are not.
+        assert_eq!(parse_ttl("0s"), Ok(0));
+        for bad in ["soon", "1.5s", "30", ""] {
+            assert!(
+                Cli::try_parse_from(["hearth", "ttl", "web", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(Cli::try_parse_from(["hearth", "ttl", "web"]).is_err());
+        match parse(&["hearth", "stats"]).command {
+            Command::Stats { vm } => assert_eq!(vm, None),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["hearth", "stats", "web", "--json"]).command {
+            Command::Stats { vm } => assert_eq!(vm.as_deref(), Some("web")),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -22,8 +22,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, Parser as _};
-use hearth_api::client::{ClientError, HttpMethod, HttpStatus, UnixConnection};
-use hearth_api::{CreateVmRequest, ErrorBody, Event, StopRequest, Version, Vm, VmSpec, routes};
+use hearth_api::client::{ClientError, HttpBody, HttpMethod, HttpStatus, UnixConnection};
+use hearth_api::{
+    CreateVmRequest, ErrorBody, Event, Orphan, StopRequest, Version, Vm, VmSpec, routes,
+};
 use hearthd::config::Config;
 use http_body_util::BodyExt as _;
 
@@ -103,6 +105,27 @@ impl Api {
             return Err(ApiError::new(resp.status, &resp.body).into());
         }
         Ok(resp.body.to_vec())
+    }
+
+    /// One GET whose answer is read as it arrives: the body of a 2xx
+    /// answer, else an [`ApiError`].
+    async fn stream(&self, uri: &str) -> Result<HttpBody> {
+        let mut conn = UnixConnection::connect(&self.socket)
+            .await
+            .map_err(|e| self.client_error(e))?;
+        let (status, body) = conn
+            .send_streaming(HttpMethod::GET, uri, None)
+            .await
+            .map_err(|e| self.client_error(e))?;
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .context("the error answer from hearthd broke off")?
+                .to_bytes();
+            return Err(ApiError::new(status, &bytes).into());
+        }
+        Ok(body)
     }
 
     /// One request whose answer is JSON: the raw body and its parsed form.
@@ -193,6 +216,7 @@ fn create_request(a: &CreateArgs) -> Result<CreateVmRequest> {
             kernel_args: a.kernel_args.clone(),
             capabilities: a.caps.clone(),
         },
+        ttl_secs: a.ttl,
     })
 }
 
@@ -200,7 +224,9 @@ async fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     // Commands that need no daemon.
     match &cli.command {
-        Command::Doctor => {
+        Command::Doctor { leaks: true } => return sweep(&cli, false).await,
+        Command::Gc => return sweep(&cli, true).await,
+        Command::Doctor { leaks: false } => {
             let config = load_config(cli.config.as_deref())?;
             let report = hearthd::doctor::run(&config);
             return if json {
@@ -300,43 +326,85 @@ async fn run(cli: Cli) -> Result<()> {
             let (raw, _): (_, Vm) = api.call_json(HttpMethod::GET, &vm_uri(vm), None).await?;
             emit_line(&output::pretty_json(&raw))
         }
-        Command::Events(VmArg { vm }) => {
-            let (raw, events): (_, Vec<Event>) = api
-                .call_json(HttpMethod::GET, &vm_action_uri(vm, "events"), None)
+        Command::Events { vm, follow, since } => {
+            events(&api, vm.as_deref(), *follow, *since, json).await
+        }
+        Command::Logs { vm, follow, tail } => logs(&api, vm, *follow, *tail).await,
+        Command::Stats { vm } => {
+            let (raw, stats): (_, Vec<hearth_api::VmStats>) = match vm {
+                Some(vm) => {
+                    let (raw, one) = api
+                        .call_json(HttpMethod::GET, &vm_action_uri(vm, "stats"), None)
+                        .await?;
+                    (raw, vec![one])
+                }
+                None => api.call_json(HttpMethod::GET, "/v1/stats", None).await?,
+            };
+            if json {
+                emit_line(&output::pretty_json(&raw))
+            } else {
+                emit(&output::stats_table(&stats, now_ms()))
+            }
+        }
+        Command::Ttl { vm, ttl } => {
+            let body = serde_json::to_vec(&hearth_api::TtlRequest { ttl_secs: ttl.0 })?;
+            let (raw, vm): (_, Vm) = api
+                .call_json(HttpMethod::POST, &vm_action_uri(vm, "ttl"), Some(body))
                 .await?;
             if json {
                 emit_line(&output::pretty_json(&raw))
             } else {
-                emit(&output::events_table(&events))
+                emit_line(&output::ttl_line(&vm, now_ms()))
             }
         }
-        Command::Logs { vm, follow, tail } => logs(&api, vm, *follow, *tail).await,
-        Command::Doctor | Command::Completions { .. } | Command::Version => Ok(()),
+        Command::Doctor { .. } | Command::Gc | Command::Completions { .. } | Command::Version => {
+            Ok(())
+        }
     }
 }
 
 /// Streams the console: each chunk is written as it arrives, so `-f`
 /// shows output live. The console is text; `--json` does not change it.
+/// `doctor --leaks` (`remove` false) and `gc`: through hearthd, or — when
+/// it is not running — straight from the store, saying so.
+async fn sweep(cli: &Cli, remove: bool) -> Result<()> {
+    let api = Api {
+        socket: socket_of(cli)?,
+    };
+    let (method, uri) = if remove {
+        (HttpMethod::POST, "/v1/gc")
+    } else {
+        (HttpMethod::GET, "/v1/leaks")
+    };
+    let orphans: Vec<Orphan> = match api.call_json(method, uri, None).await {
+        Ok((_, orphans)) => orphans,
+        Err(e) if e.downcast_ref::<Unreachable>().is_some() => {
+            eprintln!(
+                "hearthd is not running at {}: reading the store directly",
+                api.socket.display()
+            );
+            let config = load_config(cli.config.as_deref())?;
+            hearthd::sweep::offline(&config, remove).await?
+        }
+        Err(e) => return Err(e),
+    };
+    if cli.json {
+        emit_line(&serde_json::to_string_pretty(&orphans)?)?;
+    } else {
+        emit(&output::orphans(&orphans, remove))?;
+    }
+    if !remove && !orphans.is_empty() || orphans.iter().any(|o| o.error.is_some()) {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 async fn logs(api: &Api, vm: &str, follow: bool, tail: Option<u64>) -> Result<()> {
     let mut uri = format!("{}?follow={follow}", vm_action_uri(vm, "console"));
     if let Some(n) = tail {
         uri.push_str(&format!("&tail={n}"));
     }
-    let mut conn = UnixConnection::connect(&api.socket)
-        .await
-        .map_err(|e| api.client_error(e))?;
-    let (status, mut body) = conn
-        .send_streaming(HttpMethod::GET, &uri, None)
-        .await
-        .map_err(|e| api.client_error(e))?;
-    if !status.is_success() {
-        let bytes = body
-            .collect()
-            .await
-            .context("the error answer from hearthd broke off")?
-            .to_bytes();
-        return Err(ApiError::new(status, &bytes).into());
-    }
+    let mut body = api.stream(&uri).await?;
     let mut stdout = std::io::stdout();
     while let Some(frame) = body.frame().await {
         let frame = frame.context("the console stream from hearthd broke off")?;
@@ -348,6 +416,62 @@ async fn logs(api: &Api, vm: &str, follow: bool, tail: Option<u64>) -> Result<()
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
             Err(e) => return Err(e).context("cannot write to stdout"),
         }
+    }
+    Ok(())
+}
+
+/// Prints events as `GET /v1/events` sends them: JSON lines with `--json`;
+/// else a table, measured over every row when the answer is complete, or
+/// with `-f` fixed-width and printed row by row as events happen.
+async fn events(api: &Api, vm: Option<&str>, follow: bool, since: i64, json: bool) -> Result<()> {
+    let uri = routes::events(since, follow, vm.map(segment).as_deref());
+    let mut body = api.stream(&uri).await?;
+    let with_vm = vm.is_none();
+    let mut stdout = std::io::stdout();
+    // Ok(false): the reader went away (`hearth events -f | head`); stop.
+    let mut out = |text: &str| match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("cannot write to stdout"),
+    };
+    if follow && !json && !out(&output::event_header_line(with_vm))? {
+        return Ok(());
+    }
+    let mut pending = Vec::new();
+    let mut all = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("the event stream from hearthd broke off")?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = &line[..end];
+            if line.is_empty() {
+                continue;
+            }
+            let text = if json {
+                format!("{}\n", String::from_utf8_lossy(line))
+            } else {
+                let event: Event =
+                    serde_json::from_slice(line).context("unexpected event line from hearthd")?;
+                if !follow {
+                    all.push(event);
+                    continue;
+                }
+                output::event_line(&event, with_vm)
+            };
+            if !out(&text)? {
+                return Ok(());
+            }
+        }
+    }
+    if !follow && !json {
+        out(&output::events_table(&all, with_vm))?;
     }
     Ok(())
 }

@@ -383,3 +383,48 @@ fn logs_follow_streams_chunks() {
     let seen = d.seen.lock().expect("lock").clone();
     assert_eq!(seen[0].uri, "/v1/vms/web/console?follow=true&tail=5");
 }
+
+#[test]
+fn events_follow_prints_rows_as_lines_arrive() {
+    let ev = |seq: u32, from: &str, to: &str, reason: &str| {
+        format!(
+            r#"{{"seq":{seq},"vm_id":"{VM_ID}","at_ms":0,"kind":"transition","from":{from},"to":"{to}","generation":{seq},"reason":"{reason}"}}"#
+        )
+    };
+    let a = ev(4, r#""created""#, "starting", "start");
+    let b = ev(5, r#""starting""#, "running", "start");
+    let d = {
+        // A line split across chunks, and two lines in one chunk.
+        let (a1, a2) = a.split_at(20);
+        let chunks = vec![a1.to_owned(), format!("{a2}\n{b}\n")];
+        fake::start("events", move |_| fake::Answer {
+            status: 200,
+            chunks: chunks.clone(),
+        })
+    };
+    let out = hearth_at(&d, &["events", "-f", "--since", "3", "web"]);
+    assert_eq!(
+        stdout(&out),
+        "\
+SEQ     TIME                  FROM      TO        GEN   REASON
+4       1970-01-01T00:00:00Z  created   starting  4     start
+5       1970-01-01T00:00:00Z  starting  running   5     start
+"
+    );
+    let out = hearth_at(&d, &["events", "--json"]);
+    assert_eq!(stdout(&out), format!("{a}\n{b}\n"));
+    let uris: Vec<_> = d
+        .seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|r| r.uri.clone())
+        .collect();
+    assert_eq!(
+        uris,
+        [
+            "/v1/events?since=3&follow=true&vm=web",
+            "/v1/events?since=0&follow=false"
+        ]
+    );
+}

@@ -61,6 +61,9 @@ pub struct Config {
     pub stop_timeout_secs: u64,
     /// Milliseconds to wait for a freshly spawned VMM's API socket.
     pub vmm_ready_timeout_ms: u64,
+    /// Milliseconds a re-adopted VMM has to answer `GET /` at daemon start
+    /// before it is treated as hung (killed and torn down).
+    pub adopt_probe_timeout_ms: u64,
     /// IPv4 pool the per-tap /30 subnets come from (`a.b.c.d/len`, len ≤ 28).
     pub address_pool: String,
     /// Interface NAT masquerades out of; empty: the default route's.
@@ -73,6 +76,9 @@ pub struct Config {
     pub tap_pool_prewarm: u32,
     /// Root disk strategy: `auto`, `copy` or `dm-snapshot`.
     pub disk_strategy: DiskStrategy,
+    /// Milliseconds between two rounds of the stats poller (usage, auto-stop
+    /// of VMs whose VMM is gone, TTL expiry).
+    pub poll_interval_ms: u64,
 }
 
 /// How each VM gets its writable root disk.
@@ -159,12 +165,14 @@ impl Default for Config {
             vmm_binary: PathBuf::from("firecracker"),
             stop_timeout_secs: 10,
             vmm_ready_timeout_ms: 2000,
+            adopt_probe_timeout_ms: 1000,
             address_pool: "10.231.0.0/16".into(),
             uplink: String::new(),
             guest_dns: std::net::Ipv4Addr::new(1, 1, 1, 1),
             tap_pool_idle_max: 16,
             tap_pool_prewarm: 0,
             disk_strategy: DiskStrategy::Auto,
+            poll_interval_ms: 2000,
         }
     }
 }
@@ -235,6 +243,12 @@ impl Config {
                 reason: format!("{pool} is too small: use /28 or larger"),
             });
         }
+        if self.poll_interval_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "poll_interval_ms",
+                reason: "must be positive".into(),
+            });
+        }
         if self.vmm_ready_timeout_ms == 0 {
             return Err(ConfigError::Invalid {
                 key: "vmm_ready_timeout_ms",
@@ -290,6 +304,11 @@ impl Config {
     /// How long a freshly spawned VMM has to open its API socket.
     pub fn vmm_ready_timeout(&self) -> Duration {
         Duration::from_millis(self.vmm_ready_timeout_ms)
+    }
+
+    /// How often the stats poller runs.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
     }
 
     /// The VMM binary resolved against `PATH`, if it can be found.

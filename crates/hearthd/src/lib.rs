@@ -10,8 +10,12 @@
 pub mod api;
 pub mod capability;
 pub mod config;
+pub mod daemon;
 pub mod doctor;
 pub mod host;
 pub mod lifecycle;
+pub mod metrics;
+pub mod poller;
 pub mod store;
+pub mod sweep;
 pub mod vmm;

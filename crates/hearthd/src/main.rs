@@ -11,13 +11,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use hearthd::capability::HostNet;
 use hearthd::config::{Config, DiskStrategy, Ipv4Net};
-use hearthd::host::LinuxProcesses;
-use hearthd::host::disk::DiskHost;
-use hearthd::host::disk::linux::LinuxDisk;
-use hearthd::host::firewall::nft::Nft;
 use hearthd::host::net::NetHost;
-use hearthd::host::net::linux::LinuxNet;
-use hearthd::lifecycle::{Host, Lifecycle};
+use hearthd::lifecycle::Lifecycle;
 use hearthd::store::Store;
 use hearthd::vmm::firecracker::Firecracker;
 
@@ -61,24 +56,6 @@ async fn claim_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::Unix
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod {}", path.display()))?;
     Ok(listener)
-}
-
-/// One daemon per state dir: an exclusive `flock` on `<state>/hearthd.lock`
-/// held for the process's life (the kernel drops it when we die).
-fn lock_state_dir(config: &Config) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
-    let path = config.state_dir.join("hearthd.lock");
-    let file = std::fs::File::create(&path).with_context(|| format!("open {}", path.display()))?;
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).with_context(
-        || {
-            format!(
-                "another hearthd holds {}; refusing to start",
-                config.state_dir.display()
-            )
-        },
-    )?;
-    Ok(file)
 }
 
 /// Finds the uplink and refuses an address pool that collides with a host
@@ -137,22 +114,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             config.vmm_binary.display()
         )
     })?;
-    let _lock = lock_state_dir(&config)?;
+    let _lock = hearthd::daemon::lock_state_dir(&config)?;
     let store = Arc::new(Store::open(&config.db_path())?);
-    let net = Arc::new(LinuxNet::new().context("open rtnetlink")?);
-    let disk = Arc::new(LinuxDisk::new());
-    if config.disk_strategy == DiskStrategy::DmSnapshot && !disk.dm_available() {
+    let host = hearthd::daemon::linux_host()?;
+    if config.disk_strategy == DiskStrategy::DmSnapshot && !host.disk.dm_available() {
         bail!(
             "disk_strategy is dm-snapshot but device-mapper does not work on this host (`hearth doctor` explains)"
         );
     }
-    let host_net = check_network(&config, net.as_ref()).await?;
-    let host = Host {
-        procs: Arc::new(LinuxProcesses),
-        net,
-        firewall: Arc::new(Nft::new()),
-        disk,
-    };
+    let host_net = check_network(&config, host.net.as_ref()).await?;
     let lifecycle = Lifecycle::new(
         store,
         config.clone(),
@@ -162,6 +132,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let t = std::time::Instant::now();
     let report = lifecycle.recover().await?;
+    lifecycle.metrics().set_reconcile_duration(t.elapsed());
     tracing::info!(
         adopted = report.adopted,
         cleaned = report.cleaned,
@@ -170,7 +141,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         took_ms = t.elapsed().as_millis() as u64,
         "recovered VMs from the store"
     );
+    let swept = lifecycle.gc().await?;
+    if !swept.is_empty() {
+        let failed = swept.iter().filter(|o| o.error.is_some()).count();
+        tracing::info!(orphans = swept.len(), failed, "orphan sweep done");
+    }
     lifecycle.prewarm_taps().await?;
+    // Only after recovery: every VM the poller sees is adopted or settled.
+    let poller = hearthd::poller::Poller::new(
+        lifecycle.clone(),
+        Arc::new(hearthd::poller::ProcFs::new()),
+        config.poll_interval(),
+    );
+    let poller_task = poller.spawn();
     let listener = claim_socket(&config.socket).await?;
     tracing::info!(
         socket = %config.socket.display(),
@@ -178,7 +161,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         vmm = %vmm_binary.display(),
         "hearthd serving"
     );
-    let shutdown = async {
+    let closing = lifecycle.clone();
+    let shutdown = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         tokio::select! {
@@ -186,11 +170,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("shutting down; VMs keep running");
+        // Open `events?follow=true` responses end, so serving can finish.
+        closing.store().close_event_streams();
     };
     axum::serve(listener, hearthd::api::router(lifecycle))
         .with_graceful_shutdown(shutdown)
         .await
         .context("serve")?;
+    poller_task.abort();
     let _ = std::fs::remove_file(&config.socket);
     Ok(())
 }

@@ -79,6 +79,7 @@ fn whole_lifecycle_through_the_cli() {
         .as_array()
         .unwrap()
         .iter()
+        .filter(|e| e["kind"] == "transition")
         .map(|e| e["to"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(

@@ -17,6 +17,7 @@ use hearth_api::{CreateVmRequest, ErrorBody, Health, StopRequest, Version, VmSta
 use serde::Deserialize;
 
 use crate::lifecycle::{Lifecycle, LifecycleError, error_chain};
+use crate::metrics::Op;
 use crate::store::StoreError;
 
 type AppState = Arc<Lifecycle>;
@@ -55,8 +56,10 @@ pub fn status_of(e: &LifecycleError) -> (StatusCode, &'static str) {
         }
         LifecycleError::StartFailed { .. }
         | LifecycleError::TeardownFailed { .. }
+        | LifecycleError::Metrics { .. }
         | LifecycleError::Io { .. }
         | LifecycleError::Net(_)
+        | LifecycleError::Sweep(_)
         | LifecycleError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
@@ -139,7 +142,11 @@ async fn create(
     State(l): State<AppState>,
     JsonBody(req): JsonBody<CreateVmRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::CREATED, axum::Json(l.create(req)?)))
+    let vm = l
+        .metrics()
+        .observe(Op::Create, async { l.create(req) })
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(vm)))
 }
 
 async fn get_vm(State(l): State<AppState>, Path(vm): Path<String>) -> ApiResult<impl IntoResponse> {
@@ -157,12 +164,16 @@ async fn delete_vm(
     Path(vm): Path<String>,
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<StatusCode> {
-    l.delete(&vm, q.force).await?;
+    l.metrics()
+        .observe(Op::Delete, l.delete(&vm, q.force))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn start(State(l): State<AppState>, Path(vm): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok(axum::Json(l.start(&vm).await?))
+    Ok(axum::Json(
+        l.metrics().observe(Op::Start, l.start(&vm)).await?,
+    ))
 }
 
 async fn stop(
@@ -171,11 +182,15 @@ async fn stop(
     JsonBody(req): JsonBody<StopRequest>,
 ) -> ApiResult<impl IntoResponse> {
     let timeout = req.timeout_secs.map(std::time::Duration::from_secs);
-    Ok(axum::Json(l.stop(&vm, timeout).await?))
+    Ok(axum::Json(
+        l.metrics().observe(Op::Stop, l.stop(&vm, timeout)).await?,
+    ))
 }
 
 async fn kill(State(l): State<AppState>, Path(vm): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok(axum::Json(l.kill(&vm).await?))
+    Ok(axum::Json(
+        l.metrics().observe(Op::Kill, l.kill(&vm)).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,6 +233,82 @@ async fn events(
     Ok(axum::Json(l.events(&vm, q.since)?))
 }
 
+#[derive(Debug, Deserialize)]
+struct EventStreamQuery {
+    #[serde(default)]
+    since: i64,
+    #[serde(default)]
+    follow: bool,
+    vm: Option<String>,
+}
+
+/// Every VM's events (or one's) after `since`, one JSON object per line;
+/// with `follow`, the response stays open and new events stream as they
+/// are appended.
+async fn event_stream(
+    State(l): State<AppState>,
+    Query(q): Query<EventStreamQuery>,
+) -> ApiResult<Response> {
+    let follower = l.follow_events(q.vm.as_deref(), q.since, q.follow)?;
+    let lines = futures_util::stream::unfold(follower, |mut f| async move {
+        let batch = f.next_batch().await?;
+        // The status line is already out: a store failure can only cut
+        // the stream (the client sees it break off), so it is logged here.
+        let chunk = batch
+            .map_err(|e| {
+                let chain = error_chain(&e).join(": ");
+                tracing::error!(error = %chain, "event stream failed");
+                std::io::Error::other(chain)
+            })
+            .and_then(|events| {
+                let mut buf = Vec::new();
+                for e in &events {
+                    serde_json::to_writer(&mut buf, e)?;
+                    buf.push(b'\n');
+                }
+                Ok(buf)
+            });
+        Some((chunk, f))
+    });
+    Ok((
+        [("content-type", "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+async fn metrics(State(l): State<AppState>) -> ApiResult<Response> {
+    let text = l.metrics_text()?;
+    Ok(([("content-type", crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+async fn vm_stats(
+    State(l): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(axum::Json(l.stats(&vm)?))
+}
+
+async fn all_stats(State(l): State<AppState>) -> ApiResult<impl IntoResponse> {
+    Ok(axum::Json(l.stats_all()?))
+}
+
+async fn set_ttl(
+    State(l): State<AppState>,
+    Path(vm): Path<String>,
+    JsonBody(req): JsonBody<hearth_api::TtlRequest>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(axum::Json(l.set_ttl(&vm, req.ttl_secs)?))
+}
+
+async fn leaks(State(l): State<AppState>) -> ApiResult<impl IntoResponse> {
+    Ok(axum::Json(l.leaks().await?))
+}
+
+async fn gc(State(l): State<AppState>) -> ApiResult<impl IntoResponse> {
+    Ok(axum::Json(l.gc().await?))
+}
+
 async fn no_route() -> ApiError {
     ApiError::NoRoute
 }
@@ -235,6 +326,13 @@ fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
         ("POST", "/v1/vms/{vm}/kill") => post(kill),
         ("GET", "/v1/vms/{vm}/console") => get(console),
         ("GET", "/v1/vms/{vm}/events") => get(events),
+        ("GET", "/v1/events") => get(event_stream),
+        ("GET", "/metrics") => get(metrics),
+        ("GET", "/v1/vms/{vm}/stats") => get(vm_stats),
+        ("POST", "/v1/vms/{vm}/ttl") => post(set_ttl),
+        ("GET", "/v1/stats") => get(all_stats),
+        ("GET", "/v1/leaks") => get(leaks),
+        ("POST", "/v1/gc") => post(gc),
         _ => unreachable!("route {method} {path} is in ROUTES but has no handler"),
     }
 }

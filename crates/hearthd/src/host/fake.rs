@@ -127,6 +127,22 @@ impl ProcessHost for FakeProcesses {
             .collect()
     }
 
+    fn find_by_arg_under(&self, dir: &Path) -> Vec<(u32, u64, std::path::PathBuf)> {
+        self.m()
+            .procs
+            .iter()
+            .filter(|(_, p)| p.exited.borrow().is_none())
+            .filter_map(|(&pid, p)| {
+                let arg = p
+                    .args
+                    .iter()
+                    .map(Path::new)
+                    .find(|a| a.starts_with(dir) && *a != dir)?;
+                Some((pid, p.start_time, arg.to_owned()))
+            })
+            .collect()
+    }
+
     fn kill(&self, pid: u32, start_time: u64) -> BoxFuture<'static, Result<(), ProcessError>> {
         let mut m = self.m();
         m.calls.push(format!("kill {pid}"));

@@ -12,6 +12,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -100,6 +101,10 @@ pub trait ProcessHost: Send + Sync + std::fmt::Debug {
 
     /// Pids of live processes that have `arg` as one of their arguments.
     fn find_by_arg(&self, arg: &Path) -> Vec<(u32, u64)>;
+
+    /// Live processes with an argument that is a path under `dir`, with
+    /// that argument: how the sweep finds VMMs by their API socket.
+    fn find_by_arg_under(&self, dir: &Path) -> Vec<(u32, u64, PathBuf)>;
 
     /// SIGKILLs the process if it is still the one recorded, waits for it
     /// to go, and reaps it if it is our child. Already gone is success.
@@ -253,6 +258,29 @@ impl ProcessHost for LinuxProcesses {
             .filter_map(|pid| match proc_stat(pid)? {
                 (s, st) if s != 'Z' && s != 'X' => Some((pid, st)),
                 _ => None,
+            })
+            .collect()
+    }
+
+    fn find_by_arg_under(&self, dir: &Path) -> Vec<(u32, u64, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let me = std::process::id();
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != me)
+            .filter_map(|pid| {
+                let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let arg = raw
+                    .split(|&b| b == 0)
+                    .map(|a| Path::new(std::ffi::OsStr::from_bytes(a)))
+                    .find(|a| a.starts_with(dir) && *a != dir)?
+                    .to_owned();
+                match proc_stat(pid)? {
+                    (s, st) if s != 'Z' && s != 'X' => Some((pid, st, arg)),
+                    _ => None,
+                }
             })
             .collect()
     }

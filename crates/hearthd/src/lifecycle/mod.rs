@@ -9,6 +9,7 @@
 //! ([`Lifecycle::recover`]), never the other way round.
 
 mod console;
+mod observe;
 mod start;
 mod teardown;
 mod validate;
@@ -25,6 +26,7 @@ use hearth_api::{CreateVmRequest, Runtime, Vm, VmState};
 use uuid::Uuid;
 
 pub use console::{ConsoleFollow, tail_bytes};
+pub use observe::EventFollow;
 pub use teardown::RecoverReport;
 
 use crate::capability::HostNet;
@@ -33,6 +35,7 @@ use crate::host::ProcessHost;
 use crate::host::disk::DiskHost;
 use crate::host::firewall::Firewall;
 use crate::host::net::NetHost;
+use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, VmRow};
 use crate::vmm::Backend;
 
@@ -109,6 +112,16 @@ pub enum LifecycleError {
         #[source]
         source: std::io::Error,
     },
+    /// The metrics text could not be written.
+    #[error("cannot encode the metrics")]
+    Metrics {
+        /// The formatter's error.
+        #[source]
+        source: std::fmt::Error,
+    },
+    /// The orphan sweep could not list what it needs.
+    #[error(transparent)]
+    Sweep(#[from] crate::sweep::SweepError),
     /// A network call outside any VM's journal (pool pre-warming).
     #[error(transparent)]
     Net(#[from] crate::host::net::NetError),
@@ -227,6 +240,8 @@ pub struct Lifecycle {
     forwarding_enabled: std::sync::atomic::AtomicBool,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     create_lock: Mutex<()>,
+    metrics: Metrics,
+    samples: crate::poller::Samples,
     me: Weak<Lifecycle>,
 }
 
@@ -260,6 +275,8 @@ impl Lifecycle {
             forwarding_enabled: std::sync::atomic::AtomicBool::new(false),
             locks: Mutex::new(HashMap::new()),
             create_lock: Mutex::new(()),
+            metrics: Metrics::new(),
+            samples: crate::poller::Samples::default(),
             me: me.clone(),
         })
     }
@@ -277,6 +294,16 @@ impl Lifecycle {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The stats poller's latest sample of each running VM.
+    pub fn samples(&self) -> &crate::poller::Samples {
+        &self.samples
+    }
+
+    /// The daemon's metrics (counters the API, the sweep and `main` bump).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     fn lock_for(&self, id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
@@ -337,7 +364,10 @@ impl Lifecycle {
                 reason,
             }
         })?;
-        let row = self.store.insert_vm(Uuid::now_v7(), &req.name, &spec)?;
+        let ttl = req.ttl_secs.map(std::time::Duration::from_secs);
+        let row = self
+            .store
+            .insert_vm_with_ttl(Uuid::now_v7(), &req.name, &spec, ttl)?;
         tracing::info!(vm = %req.name, id = %row.id, "created");
         Ok(row.to_api())
     }
@@ -356,6 +386,48 @@ impl Lifecycle {
     pub fn events(&self, key: &str, since: i64) -> Result<Vec<hearth_api::Event>, LifecycleError> {
         let row = self.lookup(key)?;
         Ok(self.store.events(Some(row.id), since, 10_000)?)
+    }
+
+    /// The host implementations, as one value.
+    pub fn host(&self) -> Host {
+        Host {
+            procs: self.procs.clone(),
+            net: self.net.clone(),
+            firewall: self.firewall.clone(),
+            disk: self.disk.clone(),
+        }
+    }
+
+    /// Marked objects no VM record claims (`hearth doctor --leaks`).
+    pub async fn leaks(&self) -> Result<Vec<hearth_api::Orphan>, LifecycleError> {
+        let found = crate::sweep::find(&self.config, &self.store, &self.host()).await?;
+        Ok(found.iter().map(|f| f.to_api(None)).collect())
+    }
+
+    /// Finds and removes orphans (`hearth gc`, and at daemon start after
+    /// recovery); each removal is logged with what it was and why.
+    pub async fn gc(&self) -> Result<Vec<hearth_api::Orphan>, LifecycleError> {
+        let host = self.host();
+        let found = crate::sweep::find(&self.config, &self.store, &host).await?;
+        let removed = crate::sweep::remove(&found, &host).await;
+        for (f, error) in &removed {
+            let o = f.to_api(error.clone());
+            let what = match error {
+                None => format!("swept orphan {}: {} ({})", o.kind, o.object, o.reason),
+                Some(e) => format!("could not sweep orphan {}: {}: {e}", o.kind, o.object),
+            };
+            if error.is_none() {
+                self.metrics.orphan_swept(f.kind());
+            }
+            // Orphans of no known VM are logged under the nil VM id.
+            if let Err(e) = self
+                .store
+                .append_event(f.vm_id(), hearth_api::EventKind::Sweep, &what)
+            {
+                tracing::warn!(error = %e, "cannot record a sweep event");
+            }
+        }
+        Ok(removed.into_iter().map(|(f, e)| f.to_api(e)).collect())
     }
 
     /// Makes sure `tap_pool_prewarm` idle taps exist, kernel side included
@@ -388,15 +460,33 @@ impl Lifecycle {
     /// The runtime to drive a teardown from: the stored one, or — when the
     /// record is corrupt — one rebuilt from the paths every VM's objects
     /// have, so the VMM can still be found by its API socket.
+    ///
+    /// Everything a VM can hold is derivable that way except its firewall
+    /// map keys: a corrupt VM's chains are removed by their short id
+    /// (`Firewall::remove_orphan`) after the teardown.
     fn teardown_runtime(&self, row: &VmRow) -> Runtime {
         row.runtime.clone().unwrap_or_else(|_| {
             let p = VmPaths::new(&self.config, row.id);
+            let tap = self
+                .store
+                .taps()
+                .ok()
+                .and_then(|t| t.into_iter().find(|t| t.vm_id == Some(row.id)))
+                .map(|t| t.name);
             Runtime {
-                vm_dir: Some(p.dir),
                 api_socket: Some(p.api_socket),
                 metrics_path: Some(p.metrics),
                 console_log: Some(p.console_log),
                 vmm_log: Some(p.vmm_log),
+                tap,
+                disk: Some(hearth_api::DiskRecord {
+                    strategy: "unknown (record corrupt)".into(),
+                    origin_link: Some(p.dir.join("origin.img")),
+                    cow_file: Some(p.dir.join("cow.img")),
+                    dm_name: Some(format!("hearth-{}", hearth_api::short_id(&row.id))),
+                    ..hearth_api::DiskRecord::default()
+                }),
+                vm_dir: Some(p.dir),
                 ..Runtime::default()
             }
         })

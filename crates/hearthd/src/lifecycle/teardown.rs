@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hearth_api::{Runtime, Vm, VmState};
+use hearth_api::{EventKind, Runtime, Vm, VmState};
 use uuid::Uuid;
 
 use super::{Lifecycle, LifecycleError, VmPaths, error_chain, holds_resources};
@@ -30,12 +30,50 @@ fn remove_file(path: &std::path::Path) -> Result<(), String> {
 impl Lifecycle {
     /// Removes everything `rt` names, clearing each field (and persisting
     /// the record at generation `generation`) once its object is gone. Returns
-    /// every failure; what failed stays named in `rt`.
+    /// every failure; what failed stays named in `rt`. When it removed
+    /// something or failed, one `teardown` event says what.
     pub(super) async fn teardown(
         &self,
         id: Uuid,
         generation: u64,
         rt: &mut Runtime,
+    ) -> Result<(), Vec<String>> {
+        let mut removed = Vec::new();
+        let result = self.teardown_steps(id, generation, rt, &mut removed).await;
+        self.record_teardown(id, &removed, result.as_ref().err());
+        result
+    }
+
+    /// The event (and, on failure, the metric) for one teardown. Never
+    /// fails the teardown: the log line says what could not be recorded.
+    fn record_teardown(&self, id: Uuid, removed: &[String], errors: Option<&Vec<String>>) {
+        if errors.is_some() {
+            self.metrics.teardown_failed();
+        }
+        let mut summary = Vec::new();
+        if !removed.is_empty() {
+            summary.push(format!("removed {}", removed.join(", ")));
+        }
+        if let Some(errors) = errors {
+            summary.push(format!("failed: {}", errors.join("; ")));
+        }
+        if summary.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .store
+            .append_event(id, EventKind::Teardown, &summary.join("; "))
+        {
+            tracing::warn!(vm = %id, error = %error_chain(&e).join(": "), "cannot record the teardown event");
+        }
+    }
+
+    async fn teardown_steps(
+        &self,
+        id: Uuid,
+        generation: u64,
+        rt: &mut Runtime,
+        removed: &mut Vec<String>,
     ) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
 
@@ -48,9 +86,12 @@ impl Lifecycle {
         };
         let mut process_gone = true;
         for (pid, st) in targets {
-            if let Err(e) = self.procs.kill(pid, st).await {
-                process_gone = false;
-                errors.push(error_chain(&e).join(": "));
+            match self.procs.kill(pid, st).await {
+                Ok(()) => removed.push(format!("vmm pid {pid}")),
+                Err(e) => {
+                    process_gone = false;
+                    errors.push(error_chain(&e).join(": "));
+                }
             }
         }
         if process_gone && (rt.pid.is_some() || rt.pid_start_time.is_some()) {
@@ -77,6 +118,7 @@ impl Lifecycle {
         if let Some(plan) = &rt.firewall {
             match self.firewall.remove(plan).await {
                 Ok(()) => {
+                    removed.push(format!("firewall vm-{}", plan.short_id));
                     rt.firewall = None;
                     rt.firewall_handles.clear();
                     persist(rt, &mut errors);
@@ -88,7 +130,7 @@ impl Lifecycle {
         // Disk: dm before loops. The copy and cow files are the VM's disk
         // and stay in its dir until delete.
         if rt.disk.is_some() {
-            let disk_errors = self.teardown_disk(rt);
+            let disk_errors = self.teardown_disk(rt, removed);
             let gone = disk_errors.is_empty();
             errors.extend(disk_errors);
             if gone {
@@ -112,6 +154,11 @@ impl Lifecycle {
             };
             match done {
                 Ok(()) => {
+                    removed.push(if keep {
+                        format!("tap {tap} (back to the pool)")
+                    } else {
+                        format!("tap {tap}")
+                    });
                     rt.tap = None;
                     rt.host_ip = None;
                     rt.guest_ip = None;
@@ -152,7 +199,7 @@ impl Lifecycle {
 
     /// Removes the dm device, then the loops, clearing each field of the
     /// disk record as its object goes. Returns the failures.
-    fn teardown_disk(&self, rt: &mut Runtime) -> Vec<String> {
+    fn teardown_disk(&self, rt: &mut Runtime, removed: &mut Vec<String>) -> Vec<String> {
         let mut errors = Vec::new();
         let Some(d) = rt.disk.as_mut() else {
             return errors;
@@ -160,6 +207,7 @@ impl Lifecycle {
         if let Some(name) = d.dm_name.clone() {
             match self.disk.dm_remove(&name) {
                 Ok(()) => {
+                    removed.push(format!("dm {name}"));
                     d.dm_name = None;
                     d.device = None;
                 }
@@ -184,9 +232,12 @@ impl Lifecycle {
             match self.disk.find_loops(&file) {
                 Ok(devs) => {
                     for dev in devs {
-                        if let Err(e) = self.disk.detach_loop(&dev) {
-                            all_gone = false;
-                            errors.push(error_chain(&e).join(": "));
+                        match self.disk.detach_loop(&dev) {
+                            Ok(()) => removed.push(format!("loop {}", dev.display())),
+                            Err(e) => {
+                                all_gone = false;
+                                errors.push(error_chain(&e).join(": "));
+                            }
                         }
                     }
                 }
@@ -263,6 +314,16 @@ impl Lifecycle {
     /// to exit, then SIGKILL; then teardown. A VMM that is already gone is
     /// the stale branch: teardown only, no error.
     pub async fn stop(&self, key: &str, timeout: Option<Duration>) -> Result<Vm, LifecycleError> {
+        self.stop_as(key, timeout, "stop").await
+    }
+
+    /// [`Lifecycle::stop`], with `op` naming why in the events.
+    async fn stop_as(
+        &self,
+        key: &str,
+        timeout: Option<Duration>,
+        op: &str,
+    ) -> Result<Vm, LifecycleError> {
         let (_guard, row) = self.locked(key).await?;
         if !row.state.can_stop() || row.corruption().is_some() {
             return Err(LifecycleError::WrongState {
@@ -272,7 +333,7 @@ impl Lifecycle {
             });
         }
         let rt = self.teardown_runtime(&row);
-        let generation = self.begin_stop(&row, "stop")?;
+        let generation = self.begin_stop(&row, op)?;
         let timeout = timeout.unwrap_or(self.config.stop_timeout());
         let reason = match (rt.pid, rt.pid_start_time, &rt.api_socket) {
             (Some(pid), Some(st), Some(sock)) if self.procs.is_alive(pid, st, Some(sock)) => {
@@ -289,18 +350,62 @@ impl Lifecycle {
                 .await;
                 match asked {
                     Err(e) => format!(
-                        "stop: Ctrl-Alt-Del failed ({}), killed",
+                        "{op}: Ctrl-Alt-Del failed ({}), killed",
                         error_chain(&e).join(": ")
                     ),
                     Ok(()) => match tokio::time::timeout(timeout, exited).await {
-                        Ok(info) => format!("stop: guest shut down ({})", info.description),
-                        Err(_) => format!("stop: no shutdown within {timeout:?}, killed"),
+                        Ok(info) => format!("{op}: guest shut down ({})", info.description),
+                        Err(_) => format!("{op}: no shutdown within {timeout:?}, killed"),
                     },
                 }
             }
-            _ => "stop: VMM had already exited".to_owned(),
+            _ => format!("{op}: VMM had already exited"),
         };
         self.finish_stop(&row, generation, rt, &reason).await
+    }
+
+    /// The poller's auto-stop: if VM `id` is still `running` at generation
+    /// `seen` (what the poller read) and its VMM is gone, tear it down.
+    /// Returns whether it did. A newer state always wins: a poller that
+    /// read an old generation changes nothing.
+    pub async fn reap_if_gone(&self, id: Uuid, seen: u64) -> Result<bool, LifecycleError> {
+        let (_guard, row) = self.locked(&id.to_string()).await?;
+        if row.generation != seen || row.state != VmState::Running {
+            return Ok(false);
+        }
+        let Ok(rt) = row.runtime.clone() else {
+            return Ok(false);
+        };
+        let alive = match (rt.pid, rt.pid_start_time) {
+            (Some(pid), Some(st)) => self.procs.is_alive(pid, st, rt.api_socket.as_deref()),
+            _ => false,
+        };
+        if alive {
+            return Ok(false);
+        }
+        let reason = "VMM gone (noticed by the poller)";
+        let generation = self.begin_stop(&row, reason)?;
+        self.finish_stop(&row, generation, rt, reason).await?;
+        Ok(true)
+    }
+
+    /// TTL expiry: if VM `id` is still `running` at generation `seen`, stop
+    /// it gracefully (then forcibly after the stop timeout). Returns
+    /// whether it did.
+    pub async fn expire(&self, id: Uuid, seen: u64) -> Result<bool, LifecycleError> {
+        {
+            let (_guard, row) = self.locked(&id.to_string()).await?;
+            if row.generation != seen || row.state != VmState::Running {
+                return Ok(false);
+            }
+        }
+        // Between the check and the stop another operation may win the
+        // lock; stop then refuses or finds it stopped, which is fine.
+        match self.stop_as(&id.to_string(), None, "ttl expired").await {
+            Ok(_) => Ok(true),
+            Err(LifecycleError::WrongState { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Kills VM `key` now (SIGKILL), then tears down. Works on a VM with a
@@ -321,7 +426,19 @@ impl Lifecycle {
         }
         let rt = self.teardown_runtime(row);
         let generation = self.begin_stop(row, op)?;
-        self.finish_stop(row, generation, rt, op).await
+        let vm = self.finish_stop(row, generation, rt, op).await?;
+        if row.runtime.is_err() {
+            // The record that named the firewall keys is gone: remove the
+            // VM's chains by its short id.
+            self.firewall
+                .remove_orphan(&hearth_api::short_id(&row.id))
+                .await
+                .map_err(|e| LifecycleError::TeardownFailed {
+                    name: row.name.clone(),
+                    errors: vec![error_chain(&e).join(": ")],
+                })?;
+        }
+        Ok(vm)
     }
 
     /// Deletes VM `key`: only when it holds nothing running (`force` kills
@@ -407,65 +524,126 @@ impl Lifecycle {
 
     /// Rebuilds the in-memory part of every VM from the store at daemon
     /// start: re-adopts each running VM whose VMM is alive (pid, start time
-    /// and API socket all match), and tears down each one that is not —
-    /// including VMs caught mid-start or mid-stop by a crash.
+    /// and API socket all match) and answers `GET /` within the probe
+    /// bound; tears down each one that is dead or hung, and every VM caught
+    /// mid-start or mid-stop by a crash. VMs are independent, so they are
+    /// recovered concurrently.
     pub async fn recover(&self) -> Result<RecoverReport, LifecycleError> {
+        use futures_util::StreamExt;
+        let rows = self.store.list()?;
+        let outcomes: Vec<Recovered> = futures_util::stream::iter(rows)
+            .filter(|r| {
+                let idle = matches!(r.state, VmState::Created | VmState::Stopped);
+                std::future::ready(!idle || r.corruption().is_some())
+            })
+            .map(|row| self.recover_one(row.id))
+            .buffer_unordered(RECOVER_CONCURRENCY)
+            .collect()
+            .await;
         let mut report = RecoverReport::default();
-        for row in self.store.list()? {
-            let key = row.id.to_string();
-            let Ok((_guard, row)) = self.locked(&key).await else {
-                continue;
-            };
-            if let Some(reason) = row.corruption() {
-                tracing::error!(vm = %row.name, %reason, "VM record is corrupt; reported as error");
-                report.corrupt += 1;
-                continue;
-            }
-            let rt = self.teardown_runtime(&row);
-            let alive = match (rt.pid, rt.pid_start_time, &rt.api_socket) {
-                (Some(pid), Some(st), Some(sock)) => self
-                    .procs
-                    .is_alive(pid, st, Some(sock))
-                    .then_some((pid, st)),
-                _ => None,
-            };
-            match (row.state, alive) {
-                (VmState::Running, Some((pid, st))) => {
-                    self.watch(row.id, pid, st);
-                    tracing::info!(vm = %row.name, pid, "re-adopted running VM");
-                    report.adopted += 1;
-                }
-                (VmState::Running | VmState::Starting | VmState::Stopping, _) => {
-                    let reason = match row.state {
-                        VmState::Running => "exited while hearthd was down",
-                        VmState::Starting => "start interrupted by a hearthd restart; unwound",
-                        _ => "stop interrupted by a hearthd restart; finished",
-                    };
-                    let generation = if row.state == VmState::Stopping {
-                        row.generation
-                    } else {
-                        self.begin_stop(&row, reason)?
-                    };
-                    match self.finish_stop(&row, generation, rt, reason).await {
-                        Ok(_) => report.cleaned += 1,
-                        Err(e) => {
-                            tracing::error!(vm = %row.name, error = %error_chain(&e).join(": "), "recovery teardown failed");
-                            report.failed += 1;
-                        }
-                    }
-                }
-                (VmState::Error, _) if holds_resources(&rt) => {
-                    let mut rt = rt;
-                    match self.teardown(row.id, row.generation, &mut rt).await {
-                        Ok(()) => report.cleaned += 1,
-                        Err(_) => report.failed += 1,
-                    }
-                }
-                _ => {}
+        for o in outcomes {
+            match o {
+                Recovered::Adopted => report.adopted += 1,
+                Recovered::Cleaned => report.cleaned += 1,
+                Recovered::Failed => report.failed += 1,
+                Recovered::Corrupt => report.corrupt += 1,
+                Recovered::Nothing => {}
             }
         }
         Ok(report)
     }
+
+    async fn recover_one(&self, id: Uuid) -> Recovered {
+        let Ok((_guard, row)) = self.locked(&id.to_string()).await else {
+            return Recovered::Nothing;
+        };
+        if let Some(reason) = row.corruption() {
+            tracing::error!(vm = %row.name, %reason, "VM record is corrupt; reported as error");
+            return Recovered::Corrupt;
+        }
+        let rt = self.teardown_runtime(&row);
+        let alive = match (rt.pid, rt.pid_start_time, &rt.api_socket) {
+            (Some(pid), Some(st), Some(sock)) => self
+                .procs
+                .is_alive(pid, st, Some(sock))
+                .then_some((pid, st, sock.clone())),
+            _ => None,
+        };
+        let hung;
+        let reason = match (row.state, alive) {
+            (VmState::Running, Some((pid, st, sock))) => match self.probe(&sock, pid, st).await {
+                Ok(()) => {
+                    self.watch(row.id, pid, st);
+                    tracing::info!(vm = %row.name, pid, "re-adopted running VM");
+                    return Recovered::Adopted;
+                }
+                Err(why) => {
+                    hung = format!(
+                        "VMM pid {pid} did not answer GET / within {} ms at re-adoption ({why}): treated as hung, killed",
+                        self.config.adopt_probe_timeout_ms
+                    );
+                    &hung
+                }
+            },
+            (VmState::Running, None) => "exited while hearthd was down",
+            (VmState::Starting, _) => "start interrupted by a hearthd restart; unwound",
+            (VmState::Stopping, _) => "stop interrupted by a hearthd restart; finished",
+            (VmState::Error, _) if holds_resources(&rt) => {
+                let mut rt = rt;
+                return match self.teardown(row.id, row.generation, &mut rt).await {
+                    Ok(()) => Recovered::Cleaned,
+                    Err(_) => Recovered::Failed,
+                };
+            }
+            _ => return Recovered::Nothing,
+        };
+        let generation = if row.state == VmState::Stopping {
+            Ok(row.generation)
+        } else {
+            self.begin_stop(&row, reason)
+        };
+        let result = match generation {
+            Ok(generation) => self
+                .finish_stop(&row, generation, rt, reason)
+                .await
+                .map(drop),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => Recovered::Cleaned,
+            Err(e) => {
+                tracing::error!(vm = %row.name, error = %error_chain(&e).join(": "), "recovery teardown failed");
+                Recovered::Failed
+            }
+        }
+    }
+
+    /// Asks a VMM `GET /`, within the configured bound.
+    async fn probe(&self, socket: &std::path::Path, pid: u32, st: u64) -> Result<(), String> {
+        let bound = Duration::from_millis(self.config.adopt_probe_timeout_ms);
+        let procs = self.procs.clone();
+        let alive = move || procs.is_alive(pid, st, None);
+        let ask = async {
+            let mut api = self.vmm.connect(socket, bound, &alive).await?;
+            api.info().await
+        };
+        match tokio::time::timeout(bound, ask).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(error_chain(&e).join(": ")),
+            Err(_) => Err("no answer".into()),
+        }
+    }
+}
+
+/// How many VMs recovery works on at once.
+const RECOVER_CONCURRENCY: usize = 64;
+
+enum Recovered {
+    Adopted,
+    Cleaned,
+    Failed,
+    Corrupt,
+    Nothing,
 }
 
 /// What [`Lifecycle::recover`] did.

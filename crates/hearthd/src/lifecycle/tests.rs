@@ -102,6 +102,7 @@ impl Env {
             .create(CreateVmRequest {
                 name: name.into(),
                 spec: self.spec.clone(),
+                ttl_secs: None,
             })
             .unwrap()
     }
@@ -407,7 +408,7 @@ async fn recovery_adopts_live_vmms_and_cleans_dead_ones() {
 #[tokio::test]
 async fn corrupt_runtime_is_an_error_vm_that_kill_still_cleans() {
     let e = env();
-    e.create("bad");
+    with_caps(&e, "bad", &["nat", "port-forward=8080:80"]);
     e.create("good");
     let bad = e.l.start("bad").await.unwrap();
     let pid = bad.runtime.pid.unwrap();
@@ -424,11 +425,13 @@ async fn corrupt_runtime_is_an_error_vm_that_kill_still_cleans() {
         Err(LifecycleError::Corrupt { .. })
     ));
     assert_eq!(e.l.recover().await.unwrap().corrupt, 1);
-    // Kill finds the VMM by its derived API socket path.
+    // Kill finds the VMM by its derived API socket path, the tap through
+    // the pool, and the chains by the VM's short id.
     let vm = e.l.kill("bad").await.unwrap();
     assert_eq!(vm.state, VmState::Stopped);
     assert!(!e.procs.live().contains(&pid));
     e.l.kill("good").await.unwrap();
+    assert_released(&e, "bad");
 }
 
 fn with_caps(e: &Env, name: &str, caps: &[&str]) -> Vm {
@@ -438,6 +441,7 @@ fn with_caps(e: &Env, name: &str, caps: &[&str]) -> Vm {
             capabilities: caps.iter().map(|c| c.to_string()).collect(),
             ..e.spec.clone()
         },
+        ttl_secs: None,
     })
     .unwrap()
 }
@@ -695,4 +699,68 @@ async fn recovery_removes_rules_and_tap_of_a_half_started_vm() {
     assert_eq!(report.cleaned, 1);
     assert_eq!(l2.get("a").unwrap().state, VmState::Stopped);
     assert_released(&e, "a");
+}
+
+#[tokio::test]
+async fn every_teardown_leaves_one_event_saying_what_it_did() {
+    let e = env();
+    e.create("a");
+    let vm = e.l.start("a").await.unwrap();
+    let pid = vm.runtime.pid.unwrap();
+    let tap = vm.runtime.tap.clone().unwrap();
+    e.l.stop("a", None).await.unwrap();
+    let events = e.l.events("a", 0).unwrap();
+    let tail: Vec<_> = events
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(|ev| (ev.kind, ev.to))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            (hearth_api::EventKind::Transition, VmState::Stopping),
+            (hearth_api::EventKind::Teardown, VmState::Stopping),
+            (hearth_api::EventKind::Transition, VmState::Stopped),
+        ],
+        "{events:?}"
+    );
+    let teardown = &events[events.len() - 2];
+    assert!(
+        teardown
+            .reason
+            .starts_with(&format!("removed vmm pid {pid}, ")),
+        "{}",
+        teardown.reason
+    );
+    assert!(
+        teardown.reason.contains(&format!("tap {tap}")),
+        "{}",
+        teardown.reason
+    );
+    assert_eq!(teardown.from, None);
+
+    // A teardown that fails says so, and is counted.
+    e.l.start("a").await.unwrap();
+    e.procs.fail_kill(true);
+    e.l.kill("a").await.unwrap_err();
+    let last_teardown =
+        e.l.events("a", 0)
+            .unwrap()
+            .into_iter()
+            .rfind(|ev| ev.kind == hearth_api::EventKind::Teardown)
+            .unwrap();
+    assert!(
+        last_teardown.reason.starts_with("failed: "),
+        "{}",
+        last_teardown.reason
+    );
+    let text = e.l.metrics_text().unwrap();
+    assert!(
+        text.contains("\nhearth_teardown_failures_total 1\n"),
+        "{text}"
+    );
+    e.procs.fail_kill(false);
+    e.l.delete("a", false).await.unwrap();
 }

@@ -50,6 +50,9 @@ pub fn create_request(
     req: &CreateVmRequest,
 ) -> Result<(VmSpec, Vec<Box<dyn Capability>>), LifecycleError> {
     validate_name(&req.name).map_err(|r| invalid("name", r))?;
+    if let Some(secs) = req.ttl_secs {
+        crate::poller::ttl_duration(secs).map_err(|r| invalid("ttl_secs", r))?;
+    }
     let s = &req.spec;
     if s.vcpus == 0 || s.vcpus > MAX_VCPUS || (s.vcpus > 1 && !s.vcpus.is_multiple_of(2)) {
         return Err(invalid(
@@ -120,6 +123,7 @@ mod tests {
                 kernel_args: hearth_api::DEFAULT_KERNEL_ARGS.into(),
                 capabilities: vec![],
             },
+            ttl_secs: None,
         }
     }
 
@@ -181,6 +185,17 @@ mod tests {
         let mut r = good.clone();
         r.spec.kernel_args = "console=ttyS0 ip=1.2.3.4".into();
         assert_eq!(field_of(create_request(&r)), "kernel_args");
+        for (ttl, ok) in [(0, false), (1, true), (u64::MAX, false)] {
+            let mut r = good.clone();
+            r.ttl_secs = Some(ttl);
+            match create_request(&r) {
+                Ok(_) => assert!(ok, "ttl {ttl}"),
+                Err(e) => {
+                    assert!(!ok, "ttl {ttl}: {e}");
+                    assert_eq!(field_of(Err(e)), "ttl_secs");
+                }
+            }
+        }
         let mut r = good;
         r.spec.capabilities = vec!["nat".into(), "port-forward=8080:80".into()];
         assert_eq!(create_request(&r).unwrap().1.len(), 2);

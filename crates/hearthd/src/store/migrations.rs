@@ -43,6 +43,12 @@ const MIGRATIONS: &[&str] = &[
         idx         INTEGER NOT NULL UNIQUE,
         vm_id       TEXT UNIQUE
      ) STRICT;",
+    // 2 → 3: events that are not state changes (teardown and sweep
+    // actions). Older rows are all transitions.
+    "ALTER TABLE events ADD COLUMN kind TEXT NOT NULL DEFAULT 'transition';",
+    // 3 → 4: a VM's TTL, as the Unix ms it ends (NULL: none). A column,
+    // not part of the runtime JSON: it outlives every start and stop.
+    "ALTER TABLE vms ADD COLUMN ttl_deadline_ms INTEGER;",
 ];
 
 /// The schema version this binary writes.

@@ -14,6 +14,13 @@
 //! The connection lives behind a `std::sync::Mutex`: every statement is a
 //! few microseconds to a millisecond, far shorter than an async hop would
 //! save, and SQLite allows one writer anyway.
+//!
+//! The event log is also a stream: after every committed event the store
+//! pokes a `tokio::sync::watch` channel ([`Store::subscribe_events`]) with
+//! the newest seq. Followers read the events themselves from the table by
+//! cursor, so the channel carries no data and cannot overflow: a slow
+//! follower never loses an event, and one resuming from a seq continues
+//! exactly after it.
 
 mod migrations;
 
@@ -21,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hearth_api::{Event, Runtime, Vm, VmSpec, VmState};
+use hearth_api::{Event, EventKind, Runtime, Vm, VmSpec, VmState};
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
@@ -125,6 +132,8 @@ pub struct VmRow {
     pub updated_at_ms: i64,
     /// Why the last operation failed.
     pub last_error: Option<String>,
+    /// Unix ms the VM's TTL ends (see `crate::poller`).
+    pub ttl_deadline_ms: Option<i64>,
 }
 
 impl VmRow {
@@ -171,6 +180,7 @@ impl VmRow {
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
             last_error: corruption.or_else(|| self.last_error.clone()),
+            ttl_deadline_ms: self.ttl_deadline_ms,
         }
     }
 }
@@ -204,11 +214,22 @@ pub fn tap_name(idx: u32) -> String {
     format!("hth{idx}")
 }
 
+/// The head of the event log, as followers see it through
+/// [`Store::subscribe_events`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventsHead {
+    /// The newest event's seq (0 when the log is empty).
+    pub last_seq: i64,
+    /// The daemon is shutting down: followers should end once caught up.
+    pub closed: bool,
+}
+
 /// The SQLite store.
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
     path: PathBuf,
+    events_head: tokio::sync::watch::Sender<EventsHead>,
 }
 
 /// Unix time in milliseconds.
@@ -219,8 +240,7 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-const ROW_COLUMNS: &str =
-    "id, name, spec, state, generation, runtime, created_at, updated_at, last_error";
+const ROW_COLUMNS: &str = "id, name, spec, state, generation, runtime, created_at, updated_at, last_error, ttl_deadline_ms";
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
     let id: String = r.get(0)?;
@@ -244,6 +264,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
         created_at_ms: r.get(6)?,
         updated_at_ms: r.get(7)?,
         last_error,
+        ttl_deadline_ms: r.get(9)?,
     })
 }
 
@@ -275,10 +296,68 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql("foreign_keys"))?;
         migrations::apply(&mut conn, path)?;
+        let last_seq = conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
+            .map_err(sql("read last event"))?;
         Ok(Store {
             conn: Mutex::new(conn),
             path: path.to_owned(),
+            events_head: tokio::sync::watch::Sender::new(EventsHead {
+                last_seq,
+                closed: false,
+            }),
         })
+    }
+
+    /// Tells followers that events up to `seq` are committed. Called with
+    /// the connection still locked, so the seqs announced only grow.
+    fn announce(&self, seq: i64) {
+        self.events_head.send_if_modified(|h| {
+            let newer = seq > h.last_seq;
+            h.last_seq = h.last_seq.max(seq);
+            newer
+        });
+    }
+
+    /// A receiver that is marked changed whenever an event is committed
+    /// (and when [`Store::close_event_streams`] is called). It carries no
+    /// events: read them with [`Store::events`] after a cursor.
+    pub fn subscribe_events(&self) -> tokio::sync::watch::Receiver<EventsHead> {
+        self.events_head.subscribe()
+    }
+
+    /// Asks every event follower to end once it has caught up (the daemon
+    /// is shutting down and waits for open responses).
+    pub fn close_event_streams(&self) {
+        self.events_head.send_modify(|h| h.closed = true);
+    }
+
+    /// Appends an event that is not a state change (a teardown's or the
+    /// sweep's action) to VM `vm_id`'s log, stamped with the VM's current
+    /// state and generation; a VM without a row (deleted, or only known to
+    /// the sweep) gets `stopped` at generation 0. Returns the event's seq.
+    pub fn append_event(
+        &self,
+        vm_id: Uuid,
+        kind: EventKind,
+        reason: &str,
+    ) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO events (vm_id, at, from_state, to_state, generation, reason, kind)
+             SELECT ?1, ?2, NULL, COALESCE(v.state, 'stopped'), COALESCE(v.generation, 0), ?3, ?4
+             FROM (SELECT 1) LEFT JOIN vms v ON v.id = ?1",
+            params![vm_id.to_string(), now_ms(), reason, kind.as_str()],
+        )
+        .map_err(sql("append event"))?;
+        let seq = conn.last_insert_rowid();
+        self.announce(seq);
+        Ok(seq)
+    }
+
+    /// The newest event's seq (0 when there is none).
+    pub fn last_event_seq(&self) -> i64 {
+        self.events_head.borrow().last_seq
     }
 
     /// The database file.
@@ -295,17 +374,32 @@ impl Store {
 
     /// Inserts a new VM in state `created`, with its first event.
     pub fn insert_vm(&self, id: Uuid, name: &str, spec: &VmSpec) -> Result<VmRow, StoreError> {
+        self.insert_vm_with_ttl(id, name, spec, None)
+    }
+
+    /// [`Store::insert_vm`], with a TTL that ends `ttl` after the create
+    /// (in the same row write, so a VM never exists without its TTL).
+    pub fn insert_vm_with_ttl(
+        &self,
+        id: Uuid,
+        name: &str,
+        spec: &VmSpec,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<VmRow, StoreError> {
         let spec_json = serde_json::to_string(spec).map_err(|source| StoreError::Encode {
             what: "spec",
             source,
         })?;
         let now = now_ms();
+        let ttl_deadline_ms =
+            ttl.map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("begin"))?;
         let inserted = tx.execute(
-            "INSERT INTO vms (id, name, spec, state, generation, runtime, created_at, updated_at)
-             VALUES (?1, ?2, ?3, 'created', 1, '{}', ?4, ?4)",
-            params![id.to_string(), name, spec_json, now],
+            "INSERT INTO vms (id, name, spec, state, generation, runtime, created_at, updated_at,
+                              ttl_deadline_ms)
+             VALUES (?1, ?2, ?3, 'created', 1, '{}', ?4, ?4, ?5)",
+            params![id.to_string(), name, spec_json, now, ttl_deadline_ms],
         );
         match inserted {
             Ok(_) => {}
@@ -322,7 +416,9 @@ impl Store {
             params![id.to_string(), now],
         )
         .map_err(sql("insert event"))?;
+        let seq = tx.last_insert_rowid();
         tx.commit().map_err(sql("commit"))?;
+        self.announce(seq);
         Ok(VmRow {
             id,
             name: name.to_owned(),
@@ -333,7 +429,37 @@ impl Store {
             created_at_ms: now,
             updated_at_ms: now,
             last_error: None,
+            ttl_deadline_ms,
         })
+    }
+
+    /// Sets (or with `None` clears) VM `id`'s TTL deadline. Not a state
+    /// change: no generation bump, no event.
+    pub fn set_ttl(&self, id: Uuid, deadline_ms: Option<i64>) -> Result<(), StoreError> {
+        let changed = self
+            .conn()
+            .execute(
+                "UPDATE vms SET ttl_deadline_ms = ?1 WHERE id = ?2",
+                params![deadline_ms, id.to_string()],
+            )
+            .map_err(sql("set ttl"))?;
+        if changed == 0 {
+            return Err(StoreError::NotFound { id });
+        }
+        Ok(())
+    }
+
+    /// Clears VM `id`'s TTL if it still ends at `deadline_ms`; returns
+    /// whether it did. A deadline set anew meanwhile is left alone.
+    pub fn clear_ttl_if(&self, id: Uuid, deadline_ms: i64) -> Result<bool, StoreError> {
+        let changed = self
+            .conn()
+            .execute(
+                "UPDATE vms SET ttl_deadline_ms = NULL WHERE id = ?1 AND ttl_deadline_ms = ?2",
+                params![id.to_string(), deadline_ms],
+            )
+            .map_err(sql("clear ttl"))?;
+        Ok(changed == 1)
     }
 
     /// One VM by id.
@@ -431,7 +557,9 @@ impl Store {
             ],
         )
         .map_err(sql("insert event"))?;
+        let seq = tx.last_insert_rowid();
         tx.commit().map_err(sql("commit"))?;
+        self.announce(seq);
         Ok(next)
     }
 
@@ -475,7 +603,9 @@ impl Store {
             params![id.to_string(), now_ms(), expected as i64],
         )
         .map_err(sql("insert event"))?;
+        let seq = tx.last_insert_rowid();
         tx.commit().map_err(sql("commit"))?;
+        self.announce(seq);
         Ok(())
     }
 
@@ -492,7 +622,8 @@ impl Store {
         }
     }
 
-    /// Events of one VM (or all), after `since`, oldest first.
+    /// Events of one VM (or all), after `since`, oldest first, at most
+    /// `limit`: a cursor read (pass the last seq seen as `since`).
     pub fn events(
         &self,
         vm: Option<Uuid>,
@@ -502,7 +633,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT seq, vm_id, at, from_state, to_state, generation, reason FROM events
+                "SELECT seq, vm_id, at, from_state, to_state, generation, reason, kind FROM events
                  WHERE seq > ?1 AND (?2 IS NULL OR vm_id = ?2) ORDER BY seq LIMIT ?3",
             )
             .map_err(sql("list events"))?;
@@ -519,6 +650,7 @@ impl Store {
                     to: VmState::parse(&to).unwrap_or(VmState::Error),
                     generation: r.get::<_, i64>(5)? as u64,
                     reason: r.get(6)?,
+                    kind: EventKind::parse(&r.get::<_, String>(7)?),
                 })
             })
             .map_err(sql("list events"))?

@@ -217,3 +217,102 @@ fn tap_pool_reserve_release_reuse() {
         Err(StoreError::PoolExhausted { capacity: 4 })
     ));
 }
+
+#[test]
+fn non_transition_events_carry_the_current_state_and_are_read_by_cursor() {
+    let (_d, s) = open();
+    let id = Uuid::now_v7();
+    s.insert_vm(id, "a", &spec()).unwrap();
+    s.transition(
+        id,
+        1,
+        VmState::Created,
+        Transition {
+            to: VmState::Starting,
+            runtime: None,
+            last_error: None,
+            reason: "start",
+        },
+    )
+    .unwrap();
+    let seq = s
+        .append_event(id, EventKind::Teardown, "removed tap hth0")
+        .unwrap();
+    assert_eq!(s.last_event_seq(), seq);
+    let gone = Uuid::now_v7();
+    s.append_event(gone, EventKind::Sweep, "removed orphan tap hth9")
+        .unwrap();
+    let all = s.events(None, 0, 100).unwrap();
+    let kinds: Vec<_> = all
+        .iter()
+        .map(|e| (e.kind, e.from, e.to, e.generation))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (EventKind::Transition, None, VmState::Created, 1),
+            (
+                EventKind::Transition,
+                Some(VmState::Created),
+                VmState::Starting,
+                2
+            ),
+            (EventKind::Teardown, None, VmState::Starting, 2),
+            // No row: stamped stopped at generation 0.
+            (EventKind::Sweep, None, VmState::Stopped, 0),
+        ]
+    );
+    // Cursor reads: after a seq, at most `limit`, oldest first.
+    let page = s.events(None, all[0].seq, 2).unwrap();
+    assert_eq!(page, all[1..3]);
+    assert_eq!(s.events(None, all[3].seq, 100).unwrap(), []);
+    assert_eq!(s.events(Some(gone), 0, 100).unwrap(), all[3..]);
+}
+
+#[tokio::test]
+async fn every_committed_event_pokes_the_notifier() {
+    let (dir, s) = open();
+    let mut rx = s.subscribe_events();
+    let before = rx.borrow_and_update().last_seq;
+    let id = Uuid::now_v7();
+    s.insert_vm(id, "a", &spec()).unwrap();
+    assert!(rx.has_changed().unwrap(), "insert_vm");
+    let after_insert = rx.borrow_and_update().last_seq;
+    assert!(after_insert > before);
+    // A waiter is woken by an append made while it waits.
+    let waiter = tokio::spawn(async move {
+        rx.changed().await.unwrap();
+        let seq = rx.borrow_and_update().last_seq;
+        (rx, seq)
+    });
+    tokio::task::yield_now().await;
+    let seq = s.append_event(id, EventKind::Teardown, "t").unwrap();
+    let (mut rx, seen) = waiter.await.unwrap();
+    assert_eq!(seen, seq);
+    s.transition(
+        id,
+        1,
+        VmState::Created,
+        Transition {
+            to: VmState::Starting,
+            runtime: None,
+            last_error: None,
+            reason: "start",
+        },
+    )
+    .unwrap();
+    assert!(rx.has_changed().unwrap(), "transition");
+    rx.borrow_and_update();
+    s.delete_vm(id, 2).unwrap();
+    assert!(rx.has_changed().unwrap(), "delete_vm");
+    let last = rx.borrow_and_update().last_seq;
+    // A failed write announces nothing.
+    assert!(s.delete_vm(id, 2).is_err());
+    assert!(!rx.has_changed().unwrap());
+    s.close_event_streams();
+    assert!(rx.borrow_and_update().closed);
+    // A reopened store starts from the newest seq on disk.
+    drop(s);
+    let s = Store::open(&dir.path().join("hearth.db")).unwrap();
+    assert_eq!(s.last_event_seq(), last);
+}

@@ -266,6 +266,16 @@ impl TestEnv {
             .unwrap_or_else(|| panic!("daemon unreachable for {method} {path}"))
     }
 
+    /// One HTTP call to the daemon; the body as text.
+    pub fn raw(&self, method: &str, path: &str) -> String {
+        let method = HttpMethod::from_bytes(method.as_bytes()).unwrap();
+        let resp = self
+            .rt
+            .block_on(request(&self.socket, method, path, None))
+            .unwrap();
+        String::from_utf8(resp.body.to_vec()).unwrap()
+    }
+
     /// A create request body for this env's kernel and rootfs.
     pub fn create_body(&self, name: &str) -> serde_json::Value {
         serde_json::json!({"name": name, "spec": {

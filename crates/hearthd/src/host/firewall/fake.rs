@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::nft::validate;
+use super::nft::{orphan, validate};
 use super::{Firewall, FirewallError, VmRules};
 
 #[derive(Debug, Default)]
@@ -99,13 +99,15 @@ impl FakeFirewall {
     }
 
     /// Every call so far, as `op short_id` (`apply 0a1b2c3d4e5f`,
-    /// `remove 0a1b2c3d4e5f`, `list_vm_chains`).
+    /// `remove 0a1b2c3d4e5f`, `remove_orphan 0a1b2c3d4e5f`,
+    /// `list_vm_chains`).
     pub fn calls(&self) -> Vec<String> {
         self.m().calls.clone()
     }
 
     /// Makes every call of operation `op` (`"apply"`, `"remove"`,
-    /// `"list_vm_chains"`) fail from now on, or none with `None`.
+    /// `"remove_orphan"`, `"list_vm_chains"`) fail from now on, or none
+    /// with `None`.
     pub fn fail_at(&self, op: Option<&str>) {
         self.m().fail_at = op.map(str::to_owned);
     }
@@ -166,6 +168,14 @@ impl Firewall for FakeFirewall {
         let mut m = self.m();
         m.call("list_vm_chains", "")?;
         Ok(m.installed.keys().cloned().collect())
+    }
+
+    async fn remove_orphan(&self, short_id: &str) -> Result<(), FirewallError> {
+        let mut m = self.m();
+        m.call("remove_orphan", short_id)?;
+        validate(&orphan(short_id))?;
+        m.installed.remove(short_id);
+        Ok(())
     }
 }
 
@@ -279,9 +289,34 @@ mod tests {
             assert_eq!(fw.installed(), ["aaa"]);
             fw.fail_at(Some("list_vm_chains"));
             fw.list_vm_chains().await.unwrap_err();
+            fw.fail_at(Some("remove_orphan"));
+            fw.remove_orphan("aaa").await.unwrap_err();
+            assert_eq!(fw.installed(), ["aaa"]);
             fw.fail_at(None);
             fw.remove(&a).await.unwrap();
             assert!(fw.installed().is_empty());
+        });
+    }
+
+    #[test]
+    fn an_orphan_is_removed_by_its_short_id_alone() {
+        rt().block_on(async {
+            let fw = FakeFirewall::new();
+            fw.insert(vm("aaa", "hth0", 2, &[8080]));
+            fw.insert(vm("bbb", "hth1", 6, &[]));
+            fw.remove_orphan("aaa").await.unwrap();
+            fw.remove_orphan("aaa").await.unwrap();
+            assert_eq!(fw.installed(), ["bbb"]);
+            let err = fw.remove_orphan("a b").await.unwrap_err();
+            assert!(matches!(err, FirewallError::Invalid { .. }), "{err:?}");
+            assert_eq!(
+                fw.calls(),
+                [
+                    "remove_orphan aaa",
+                    "remove_orphan aaa",
+                    "remove_orphan a b"
+                ]
+            );
         });
     }
 

@@ -77,4 +77,9 @@ pub trait Firewall: Send + Sync + std::fmt::Debug {
 
     /// Short ids of every per-VM chain present in hearth's table.
     async fn list_vm_chains(&self) -> Result<Vec<String>, FirewallError>;
+
+    /// Removes every chain of VM `short_id` and every map element that
+    /// jumps to one, in one transaction, without a record of its rules:
+    /// for orphans the store knows nothing about. Absent is success.
+    async fn remove_orphan(&self, short_id: &str) -> Result<(), FirewallError>;
 }

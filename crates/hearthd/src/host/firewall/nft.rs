@@ -83,13 +83,17 @@
 //! reused after an earlier, successful removal): adding it back with our
 //! verdict clashes (EEXIST), and deleting it by key would remove the other
 //! VM's element. And an element the plan does not name may still point at
-//! the VM's chains (a sweep of an orphan chain knows only its short id, so
-//! it removes with an empty plan): deleting the chain is then refused
-//! (EBUSY). So when the removal fails, the maps are read
+//! the VM's chains (a plan edited since its apply): deleting the chain is
+//! then refused (EBUSY). So when the removal fails, the maps are read
 //! (`nft -j list maps ip`) and it is retried once without the keys that
 //! point at other VMs' chains and with every element that points at ours.
 //! The retry still adds-then-deletes each key, so a race cannot make it
 //! delete a foreign element: it fails instead.
+//!
+//! [`Firewall::remove_orphan`] (a sweep's removal of chains the store
+//! knows nothing about) has no plan at all: it reads the maps first and
+//! removes, in the same kind of transaction, every element that points at
+//! the VM's chains, then the chains.
 //!
 //! # Cost
 //!
@@ -343,6 +347,25 @@ impl Firewall for Nft {
             .map(drop)
     }
 
+    async fn remove_orphan(&self, short_id: &str) -> Result<(), FirewallError> {
+        validate(&orphan(short_id))?;
+        // An orphan's elements are unknown, so the maps are read first.
+        let ours = |chain: &str| {
+            VM_CHAIN_KINDS
+                .iter()
+                .any(|k| chain == vm_chain(short_id, k))
+        };
+        let elems: Vec<_> = self
+            .map_elements()
+            .await?
+            .into_iter()
+            .filter(|c| ours(&c.chain))
+            .collect();
+        self.transaction("remove orphan", removal(short_id, &elems), false)
+            .await
+            .map(drop)
+    }
+
     async fn list_vm_chains(&self) -> Result<Vec<String>, FirewallError> {
         // `list chains` dumps chains only; `list table` would fetch every
         // rule and element too.
@@ -511,6 +534,19 @@ pub(crate) fn validate(rules: &VmRules) -> Result<(), FirewallError> {
         }
     }
     Ok(())
+}
+
+/// The plan of an orphan known only by its short id: no rules, so only
+/// the short id is used (and validated). Shared with the fake.
+pub(crate) fn orphan(short_id: &str) -> VmRules {
+    VmRules {
+        short_id: short_id.to_owned(),
+        vm_id: format!("orphan-{short_id}"),
+        tap: String::new(),
+        guest_ip: std::net::Ipv4Addr::UNSPECIFIED,
+        nat_uplink: None,
+        port_forwards: Vec::new(),
+    }
 }
 
 /// The ownership mark of per-VM rules and elements: `hearth:vm:<id>`.
@@ -1329,16 +1365,11 @@ mod tests {
             fw.apply(&x).await.unwrap();
             fw.apply(&y).await.unwrap();
             // All a sweep knows is the chain name.
-            let orphan = VmRules {
-                short_id: "xxx".into(),
-                vm_id: String::new(),
-                tap: String::new(),
-                guest_ip: Ipv4Addr::UNSPECIFIED,
-                nat_uplink: None,
-                port_forwards: Vec::new(),
-            };
-            fw.remove(&orphan).await.unwrap();
-            fw.remove(&orphan).await.unwrap();
+            fw.remove_orphan("xxx").await.unwrap();
+            fw.remove_orphan("xxx").await.unwrap();
+            fw.remove_orphan("never").await.unwrap();
+            let err = fw.remove_orphan("a b").await.unwrap_err();
+            assert!(matches!(err, FirewallError::Invalid { .. }), "{err:?}");
             let t = table().unwrap();
             assert!(t.elems_of("xxx").is_empty());
             assert_eq!(t.elems_of("yyy").len(), 4);

@@ -287,6 +287,17 @@ impl NetHost for FakeNet {
             .collect())
     }
 
+    async fn list_taps(&self, prefix: &str) -> Result<Vec<String>, NetError> {
+        let mut m = self.m();
+        m.call("list_taps", prefix)
+            .map_err(|e| netlink("list links", "all links", e))?;
+        Ok(m.links
+            .iter()
+            .filter(|(n, l)| l.is_tap && n.starts_with(prefix))
+            .map(|(n, _)| n.clone())
+            .collect())
+    }
+
     async fn routes(&self) -> Result<Vec<Route>, NetError> {
         let mut m = self.m();
         m.call("routes", "")

@@ -685,6 +685,26 @@ impl NetHost for LinuxNet {
         Ok(names)
     }
 
+    async fn list_taps(&self, prefix: &str) -> Result<Vec<String>, NetError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_err("list links", "all links", e))?;
+        let mut names: Vec<String> = links
+            .iter()
+            .filter(|l| not_a_tap(l).is_none())
+            .filter_map(link_name)
+            .filter(|n| n.starts_with(prefix))
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     async fn routes(&self) -> Result<Vec<Route>, NetError> {
         let mut query = RouteMessage::default();
         query.header.address_family = AddressFamily::Inet;

@@ -97,6 +97,11 @@ pub trait NetHost: Send + Sync + std::fmt::Debug {
     /// Names of every link whose name starts with `prefix`.
     async fn list_links(&self, prefix: &str) -> Result<Vec<String>, NetError>;
 
+    /// Names of every tap (tun device in tap mode) whose name starts with
+    /// `prefix` — what the orphan sweep compares with the pool: other
+    /// `hth*` links (a test's veth uplink, say) are not hearth's taps.
+    async fn list_taps(&self, prefix: &str) -> Result<Vec<String>, NetError>;
+
     /// The IPv4 routes of the main table.
     async fn routes(&self) -> Result<Vec<Route>, NetError>;
 

@@ -1,0 +1,151 @@
+//! The benchmark's smoke run, so the bench never rots: `hearth-bench
+//! --quick` (a few repetitions, at most 10 VMs) against the real hearthd
+//! and hearth-testvmm built beside it, then a check that the JSON has every
+//! figure with sane numbers. It needs root (network namespaces, taps,
+//! nftables) and fails loudly without it, unless
+//! `HEARTH_SKIP_PRIVILEGED=1` opts out explicitly.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The opt-out for machines where root is not available.
+const SKIP_ENV: &str = "HEARTH_SKIP_PRIVILEGED";
+
+/// Every figure a quick run must report.
+const FIGURES: &[&str] = &[
+    "start.hearth",
+    "start.bare",
+    "start.shell",
+    "start.vmm",
+    "stop.hearth",
+    "stop.bare",
+    "stop.shell",
+    "bare_step.tap",
+    "bare_step.address",
+    "bare_step.sysctl",
+    "bare_step.nft",
+    "bare_step.copy",
+    "bare_step.spawn",
+    "bare_step.ready",
+    "bare_step.puts",
+    "bare_step.instance_start",
+    "throughput.c1",
+    "throughput.c8",
+    "throughput.c32",
+    "scale.0.rss",
+    "scale.10.start",
+    "scale.10.nft_apply",
+    "scale.10.nft_remove",
+    "scale.10.nft_rules",
+    "scale.10.rss",
+    "recovery.live",
+    "recovery.dead",
+];
+
+fn require_root() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os(SKIP_ENV).is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED: privileged test, not root, and {SKIP_ENV}=1 opts out");
+        return false;
+    }
+    panic!(
+        "the hearth-bench smoke test needs root (network namespaces, taps, nftables); \
+         run it as root, or set {SKIP_ENV}=1 to skip privileged tests explicitly"
+    );
+}
+
+#[test]
+fn quick_run_reports_every_figure() {
+    if !require_root() {
+        return;
+    }
+    let bench = Path::new(env!("CARGO_BIN_EXE_hearth-bench"));
+    for sibling in ["hearthd", "hearth-testvmm"] {
+        let p = bench.parent().unwrap().join(sibling);
+        assert!(
+            p.is_file(),
+            "{} is missing: build the workspace first (cargo build --workspace)",
+            p.display()
+        );
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("hearth-bench-smoke-")
+        .tempdir()
+        .unwrap();
+    let json_path = dir.path().join("bench.json");
+    let t = Instant::now();
+    let out = Command::new(bench)
+        .arg("--quick")
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "hearth-bench --quick failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The smoke run must stay cheap; this leaves room for a loaded CI box.
+    assert!(
+        took < Duration::from_secs(60),
+        "the quick run took {took:?}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("| figure | unit | n | median | p99 | min | max |"));
+
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let figures = v["figures"].as_object().expect("figures object");
+    for key in FIGURES {
+        assert!(figures.contains_key(*key), "figure {key} is missing: {v:#}");
+    }
+    for (key, f) in figures {
+        let get = |k: &str| {
+            f[k].as_f64()
+                .unwrap_or_else(|| panic!("{key}.{k} is not a number: {f}"))
+        };
+        let (median, p99, min, max) = (get("median"), get("p99"), get("min"), get("max"));
+        let n = f["n"].as_u64().unwrap();
+        assert!(n >= 1, "{key}: n = {n}");
+        assert_eq!(
+            f["samples"].as_array().map(Vec::len),
+            Some(n as usize),
+            "{key}: samples vs n"
+        );
+        assert!(
+            min > 0.0 && min.is_finite(),
+            "{key}: min {min} is not positive"
+        );
+        assert!(
+            min <= median && median <= p99 && p99 <= max,
+            "{key}: not min ≤ median ≤ p99 ≤ max: {f}"
+        );
+        assert!(
+            f["unit"].as_str().is_some_and(|u| !u.is_empty()),
+            "{key}: unit"
+        );
+    }
+    // The headline ratios are derived from the medians.
+    for key in ["start.hearth_over_bare", "start.shell_over_hearth"] {
+        let x = v["derived"][key]["value"].as_f64().unwrap();
+        assert!(x > 0.0 && x.is_finite(), "{key} = {x}");
+    }
+    // Sanity of the shapes: the VMM alone is part of every variant's
+    // start, and the shell variant forks a dozen tools.
+    let med = |k: &str| figures[k]["median"].as_f64().unwrap();
+    assert!(med("start.vmm") < med("start.bare"), "{v:#}");
+    assert!(med("start.shell") > med("start.bare"), "{v:#}");
+    assert!(med("scale.10.nft_rules") >= 10.0, "one VM's rules at least");
+    let targets = v["targets"].as_array().unwrap();
+    assert!(targets.len() >= 5, "targets: {targets:?}");
+    // The JSON's markdown twin is written beside it.
+    assert!(json_path.with_extension("md").is_file());
+}
