@@ -12,6 +12,7 @@ pub mod capability;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod failpoint;
 pub mod host;
 pub mod lifecycle;
 pub mod metrics;

@@ -33,6 +33,10 @@ struct Args {
     /// Overrides `vmm_binary`.
     #[arg(long)]
     vmm_binary: Option<PathBuf>,
+    /// Print every failpoint name and exit (crash-harness builds only).
+    #[cfg(feature = "failpoints")]
+    #[arg(long)]
+    list_failpoints: bool,
 }
 
 /// Refuses to run beside a live daemon on the same socket, and removes a
@@ -97,6 +101,17 @@ async fn check_network(config: &Config, net: &dyn NetHost) -> anyhow::Result<Hos
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    #[cfg(feature = "failpoints")]
+    if args.list_failpoints {
+        for name in hearthd::failpoint::ALL {
+            println!("{name}");
+        }
+        return Ok(());
+    }
+    let armed = hearthd::failpoint::init_from_env().map_err(anyhow::Error::msg)?;
+    if armed > 0 {
+        tracing::warn!(armed, "failpoints armed (crash-harness build)");
+    }
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(d) = args.state_dir {
         config.state_dir = d;

@@ -306,6 +306,9 @@ pub async fn remove(found: &[Found], host: &Host) -> Vec<(Found, Option<String>)
                 .map_err(|e| error_chain(&e)),
             Target::VmDir { path } => remove_dir(path).map_err(|e| vec![e]),
         };
+        let result = result.and_then(|()| {
+            crate::failpoint::check("sweep.after_remove").map_err(|e| vec![e.to_string()])
+        });
         let error = result.err().map(|chain| chain.join(": "));
         match &error {
             None => tracing::info!(

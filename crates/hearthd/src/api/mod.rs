@@ -60,6 +60,7 @@ pub fn status_of(e: &LifecycleError) -> (StatusCode, &'static str) {
         | LifecycleError::Io { .. }
         | LifecycleError::Net(_)
         | LifecycleError::Sweep(_)
+        | LifecycleError::Injected(_)
         | LifecycleError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }

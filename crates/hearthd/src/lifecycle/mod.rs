@@ -125,6 +125,9 @@ pub enum LifecycleError {
     /// A network call outside any VM's journal (pool pre-warming).
     #[error(transparent)]
     Net(#[from] crate::host::net::NetError),
+    /// An armed failpoint (crash harness builds only).
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -159,6 +162,9 @@ pub enum StepError {
     /// Copies, loops, dm.
     #[error(transparent)]
     Disk(#[from] crate::host::disk::DiskError),
+    /// An armed failpoint (crash harness builds only).
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
     /// A plan that cannot be carried out (no uplink for nat, …).
     #[error("{0}")]
     Plan(String),
@@ -409,6 +415,7 @@ impl Lifecycle {
     pub async fn gc(&self) -> Result<Vec<hearth_api::Orphan>, LifecycleError> {
         let host = self.host();
         let found = crate::sweep::find(&self.config, &self.store, &host).await?;
+        crate::failpoint::check("sweep.after_list")?;
         let removed = crate::sweep::remove(&found, &host).await;
         for (f, error) in &removed {
             let o = f.to_api(error.clone());

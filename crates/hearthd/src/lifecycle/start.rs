@@ -35,6 +35,7 @@ use uuid::Uuid;
 
 use super::{Lifecycle, LifecycleError, StepError, VmPaths, error_chain, holds_resources, mac_for};
 use crate::config::DiskStrategy;
+use crate::failpoint;
 use crate::host::SpawnSpec;
 use crate::store::{Transition, now_ms};
 use crate::vmm::ApiCall;
@@ -103,19 +104,23 @@ impl Lifecycle {
         let result = match steps {
             Ok(()) => {
                 rt.started_at_ms = Some(now_ms());
-                self.store
-                    .transition(
-                        id,
-                        generation,
-                        VmState::Starting,
-                        Transition {
-                            to: VmState::Running,
-                            runtime: Some(&rt),
-                            last_error: None,
-                            reason: "InstanceStart answered",
-                        },
-                    )
+                failpoint::check("start.after_instance_start")
                     .map_err(StepError::from)
+                    .and_then(|()| {
+                        self.store
+                            .transition(
+                                id,
+                                generation,
+                                VmState::Starting,
+                                Transition {
+                                    to: VmState::Running,
+                                    runtime: Some(&rt),
+                                    last_error: None,
+                                    reason: "InstanceStart answered",
+                                },
+                            )
+                            .map_err(StepError::from)
+                    })
             }
             Err(e) => Err(e),
         };
@@ -124,6 +129,7 @@ impl Lifecycle {
                 if let (Some(pid), Some(st)) = (rt.pid, rt.pid_start_time) {
                     self.watch(id, pid, st);
                 }
+                failpoint::check("start.after_running")?;
                 tracing::info!(vm = %name, pid = rt.pid.unwrap_or_default(), "running");
                 Ok(self.store.get(id)?.to_api())
             }
@@ -165,6 +171,7 @@ impl Lifecycle {
         rt: &mut Runtime,
     ) -> Result<(), StepError> {
         // 1. The VM dir (recorded by the `starting` transition).
+        failpoint::check("start.after_starting")?;
         std::fs::create_dir_all(&paths.dir).map_err(io("create VM dir", &paths.dir))?;
 
         // 2. Files, recorded first.
@@ -173,6 +180,7 @@ impl Lifecycle {
         rt.vmm_log = Some(paths.vmm_log.clone());
         rt.metrics_path = Some(paths.metrics.clone());
         self.store.set_runtime(id, generation, rt)?;
+        failpoint::check("start.after_files_recorded")?;
         match std::fs::remove_file(&paths.api_socket) {
             Ok(()) => {
                 tracing::info!(socket = %paths.api_socket.display(), "removed a stale API socket")
@@ -207,13 +215,17 @@ impl Lifecycle {
             (Some(h), Some(g)) => (h, g),
             _ => return Err(StepError::Plan("tap reserved without addresses".into())),
         };
+        failpoint::check("start.after_tap_reserved")?;
         self.net.create_tap(&tap).await?;
+        failpoint::check("start.after_tap_created")?;
         self.net
             .configure_tap(&tap, host_ip, TAP_PREFIX_LEN)
             .await?;
+        failpoint::check("start.after_tap_configured")?;
 
         // 4. The root disk.
         let drive = self.prepare_disk(id, generation, spec, paths, rt).await?;
+        failpoint::check("start.after_disk_made")?;
 
         // 5. Firewall: the plan is recorded, then applied in one transaction.
         let mut plan = VmRules {
@@ -242,7 +254,9 @@ impl Lifecycle {
             self.enable_forwarding()?;
             rt.firewall = Some(plan.clone());
             self.store.set_runtime(id, generation, rt)?;
+            failpoint::check("start.after_firewall_recorded")?;
             rt.firewall_handles = self.firewall.apply(&plan).await?;
+            failpoint::check("start.after_firewall_applied")?;
             self.store.set_runtime(id, generation, rt)?;
         }
 
@@ -253,9 +267,11 @@ impl Lifecycle {
             args,
             console_log: paths.console_log.clone(),
         })?;
+        failpoint::check("start.after_spawn")?;
         rt.pid = Some(pid);
         rt.pid_start_time = Some(start_time);
         self.store.set_runtime(id, generation, rt)?;
+        failpoint::check("start.after_pid_recorded")?;
 
         // 7–8. Configure and boot.
         let procs = self.procs.clone();
@@ -308,6 +324,11 @@ impl Lifecycle {
                     )));
                 }
             }
+            if matches!(call, ApiCall::InstanceStart) {
+                failpoint::check("start.before_instance_start")?;
+            } else {
+                failpoint::check("start.before_put")?;
+            }
             api.call(call).await?;
         }
         Ok(())
@@ -351,6 +372,7 @@ impl Lifecycle {
                     ..DiskRecord::default()
                 });
                 self.store.set_runtime(id, generation, rt)?;
+                failpoint::check("start.after_disk_recorded")?;
                 // The copy persists across stops (it is the VM's disk) and
                 // is made under a temporary name, so a crash mid-copy never
                 // leaves a truncated disk that a later start would use.
@@ -393,6 +415,7 @@ impl Lifecycle {
             ..DiskRecord::default()
         });
         self.store.set_runtime(id, generation, rt)?;
+        failpoint::check("start.after_disk_recorded")?;
         if !origin_link.exists() {
             self.disk.link_or_copy(&spec.rootfs, &origin_link)?;
         }

@@ -16,8 +16,20 @@ use hearth_api::{EventKind, Runtime, Vm, VmState};
 use uuid::Uuid;
 
 use super::{Lifecycle, LifecycleError, VmPaths, error_chain, holds_resources};
+use crate::failpoint;
 use crate::store::{Transition, VmRow};
 use crate::vmm::ApiCall;
+
+/// Passes a failpoint inside teardown: an injected error ends the teardown
+/// there, as a failed step would, with what is left still recorded.
+macro_rules! fp {
+    ($name:literal, $errors:ident) => {
+        if let Err(e) = failpoint::check($name) {
+            $errors.push(e.to_string());
+            return Err($errors);
+        }
+    };
+}
 
 fn remove_file(path: &std::path::Path) -> Result<(), String> {
     match std::fs::remove_file(path) {
@@ -94,12 +106,14 @@ impl Lifecycle {
                 }
             }
         }
+        fp!("teardown.after_kill", errors);
         if process_gone && (rt.pid.is_some() || rt.pid_start_time.is_some()) {
             rt.pid = None;
             rt.pid_start_time = None;
             if let Err(e) = self.store.set_runtime(id, generation, rt) {
                 errors.push(error_chain(&e).join(": "));
             }
+            fp!("teardown.after_pid_cleared", errors);
         }
 
         // Every kernel object below may still be in use by a live VMM:
@@ -119,9 +133,11 @@ impl Lifecycle {
             match self.firewall.remove(plan).await {
                 Ok(()) => {
                     removed.push(format!("firewall vm-{}", plan.short_id));
+                    fp!("teardown.after_firewall_removed", errors);
                     rt.firewall = None;
                     rt.firewall_handles.clear();
                     persist(rt, &mut errors);
+                    fp!("teardown.after_firewall_cleared", errors);
                 }
                 Err(e) => errors.push(error_chain(&e).join(": ")),
             }
@@ -133,10 +149,12 @@ impl Lifecycle {
             let disk_errors = self.teardown_disk(rt, removed);
             let gone = disk_errors.is_empty();
             errors.extend(disk_errors);
+            fp!("teardown.after_disk_removed", errors);
             if gone {
                 rt.disk = None;
             }
             persist(rt, &mut errors);
+            fp!("teardown.after_disk_cleared", errors);
         }
 
         // The tap: back to the idle pool (cleared), or deleted when the
@@ -154,6 +172,7 @@ impl Lifecycle {
             };
             match done {
                 Ok(()) => {
+                    fp!("teardown.after_tap_reset", errors);
                     removed.push(if keep {
                         format!("tap {tap} (back to the pool)")
                     } else {
@@ -167,6 +186,7 @@ impl Lifecycle {
                     if let Err(e) = self.store.release_tap(id, generation, &tap, !keep, rt) {
                         errors.push(error_chain(&e).join(": "));
                     }
+                    fp!("teardown.after_tap_released", errors);
                 }
                 Err(e) => errors.push(error_chain(&e).join(": ")),
             }
@@ -187,6 +207,7 @@ impl Lifecycle {
                 }
             }
         }
+        fp!("teardown.after_files_removed", errors);
         if changed {
             persist(rt, &mut errors);
         }
@@ -264,7 +285,10 @@ impl Lifecycle {
         mut rt: Runtime,
         reason: &str,
     ) -> Result<Vm, LifecycleError> {
-        let teardown = self.teardown(row.id, generation, &mut rt).await;
+        let mut teardown = self.teardown(row.id, generation, &mut rt).await;
+        if let Err(e) = failpoint::check("teardown.before_final_state") {
+            teardown = Err(vec![e.to_string()]);
+        }
         let (to, last_error, result) = match teardown {
             Ok(()) => (VmState::Stopped, None, Ok(())),
             Err(errors) => (
@@ -293,6 +317,36 @@ impl Lifecycle {
                 name: row.name.clone(),
                 errors,
             }),
+        }
+    }
+
+    /// A stop or kill that failed between its `stopping` transition and
+    /// its teardown: record `error` with everything still named, so the
+    /// next kill, delete or daemon start finishes the job.
+    fn abandon_stop(
+        &self,
+        row: &VmRow,
+        generation: u64,
+        rt: &Runtime,
+        why: String,
+    ) -> LifecycleError {
+        let recorded = self.store.transition(
+            row.id,
+            generation,
+            VmState::Stopping,
+            Transition {
+                to: VmState::Error,
+                runtime: Some(rt),
+                last_error: Some(Some(&why)),
+                reason: &why,
+            },
+        );
+        match recorded {
+            Ok(_) => LifecycleError::TeardownFailed {
+                name: row.name.clone(),
+                errors: vec![why],
+            },
+            Err(e) => e.into(),
         }
     }
 
@@ -334,6 +388,9 @@ impl Lifecycle {
         }
         let rt = self.teardown_runtime(&row);
         let generation = self.begin_stop(&row, op)?;
+        if let Err(e) = failpoint::check("stop.after_stopping") {
+            return Err(self.abandon_stop(&row, generation, &rt, e.to_string()));
+        }
         let timeout = timeout.unwrap_or(self.config.stop_timeout());
         let reason = match (rt.pid, rt.pid_start_time, &rt.api_socket) {
             (Some(pid), Some(st), Some(sock)) if self.procs.is_alive(pid, st, Some(sock)) => {
@@ -348,6 +405,9 @@ impl Lifecycle {
                     api.call(&ApiCall::SendCtrlAltDel).await
                 }
                 .await;
+                if let Err(e) = failpoint::check("stop.after_ctrl_alt_del") {
+                    return Err(self.abandon_stop(&row, generation, &rt, e.to_string()));
+                }
                 match asked {
                     Err(e) => format!(
                         "{op}: Ctrl-Alt-Del failed ({}), killed",
@@ -426,6 +486,9 @@ impl Lifecycle {
         }
         let rt = self.teardown_runtime(row);
         let generation = self.begin_stop(row, op)?;
+        if let Err(e) = failpoint::check("kill.after_stopping") {
+            return Err(self.abandon_stop(row, generation, &rt, e.to_string()));
+        }
         let vm = self.finish_stop(row, generation, rt, op).await?;
         if row.runtime.is_err() {
             // The record that named the firewall keys is gone: remove the
@@ -477,7 +540,9 @@ impl Lifecycle {
                 });
             }
         }
+        failpoint::check("delete.after_dir_removed")?;
         self.store.delete_vm(row.id, row.generation)?;
+        failpoint::check("delete.after_row_deleted")?;
         self.forget_lock(row.id);
         tracing::info!(vm = %row.name, "deleted");
         Ok(())
@@ -557,6 +622,10 @@ impl Lifecycle {
         let Ok((_guard, row)) = self.locked(&id.to_string()).await else {
             return Recovered::Nothing;
         };
+        if let Err(e) = failpoint::check("reconcile.before_vm") {
+            tracing::error!(vm = %row.name, error = %e, "recovery skipped");
+            return Recovered::Failed;
+        }
         if let Some(reason) = row.corruption() {
             tracing::error!(vm = %row.name, %reason, "VM record is corrupt; reported as error");
             return Recovered::Corrupt;
@@ -571,20 +640,24 @@ impl Lifecycle {
         };
         let hung;
         let reason = match (row.state, alive) {
-            (VmState::Running, Some((pid, st, sock))) => match self.probe(&sock, pid, st).await {
-                Ok(()) => {
-                    self.watch(row.id, pid, st);
-                    tracing::info!(vm = %row.name, pid, "re-adopted running VM");
-                    return Recovered::Adopted;
+            (VmState::Running, Some((pid, st, sock))) => {
+                match self.probe(&sock, pid, st).await.and_then(|()| {
+                    failpoint::check("reconcile.after_probe").map_err(|e| e.to_string())
+                }) {
+                    Ok(()) => {
+                        self.watch(row.id, pid, st);
+                        tracing::info!(vm = %row.name, pid, "re-adopted running VM");
+                        return Recovered::Adopted;
+                    }
+                    Err(why) => {
+                        hung = format!(
+                            "VMM pid {pid} did not answer GET / within {} ms at re-adoption ({why}): treated as hung, killed",
+                            self.config.adopt_probe_timeout_ms
+                        );
+                        &hung
+                    }
                 }
-                Err(why) => {
-                    hung = format!(
-                        "VMM pid {pid} did not answer GET / within {} ms at re-adoption ({why}): treated as hung, killed",
-                        self.config.adopt_probe_timeout_ms
-                    );
-                    &hung
-                }
-            },
+            }
             (VmState::Running, None) => "exited while hearthd was down",
             (VmState::Starting, _) => "start interrupted by a hearthd restart; unwound",
             (VmState::Stopping, _) => "stop interrupted by a hearthd restart; finished",
