@@ -645,17 +645,10 @@ mod tests {
     use hearth_api::{CreateVmRequest, Runtime, VmSpec};
 
     use super::*;
-    use crate::capability::HostNet;
-    use crate::config::Config;
     use crate::host::ProcessHost;
-    use crate::host::disk::fake::FakeDisk;
     use crate::host::fake::FakeProcesses;
-    use crate::host::firewall::fake::FakeFirewall;
-    use crate::host::net::NetHost;
-    use crate::host::net::fake::FakeNet;
-    use crate::lifecycle::{Host, VmPaths};
-    use crate::store::{Store, Transition};
-    use crate::vmm::fake::FakeVmm;
+    use crate::lifecycle::VmPaths;
+    use crate::store::Transition;
 
     const STAT: &str = "4242 (fire cracker (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 \
                         250 130 0 0 20 0 3 0 987654 1000 200";
@@ -784,61 +777,22 @@ mod tests {
     }
 
     struct Env {
-        _dir: tempfile::TempDir,
+        _fx: crate::lifecycle::testkit::Env,
         l: Arc<Lifecycle>,
         reader: Arc<FakeUsage>,
         spec: VmSpec,
     }
 
     fn env() -> Env {
-        let dir = tempfile::Builder::new()
-            .prefix("hearth-test-")
-            .tempdir()
-            .unwrap();
-        let config = Config {
-            state_dir: dir.path().join("state"),
-            stop_timeout_secs: 1,
-            ..Config::default()
-        };
-        let kernel = dir.path().join("vmlinux");
-        let rootfs = dir.path().join("rootfs.ext4");
-        std::fs::write(&kernel, b"k").unwrap();
-        std::fs::write(&rootfs, b"r").unwrap();
-        let store = Arc::new(Store::open(&config.db_path()).unwrap());
-        let procs = FakeProcesses::new();
-        let net = FakeNet::new();
-        NetHost::set_sysctl(&net, "net.ipv4.ip_forward", "0").unwrap();
-        let host = Host {
-            procs: Arc::new(procs.clone()),
-            net: Arc::new(net),
-            firewall: Arc::new(FakeFirewall::new()),
-            disk: Arc::new(FakeDisk::new()),
-        };
-        let l = Lifecycle::new(
-            store,
-            config,
-            host,
-            Arc::new(FakeVmm::new(procs.clone())),
-            HostNet {
-                uplink: Some("eth0".into()),
-            },
-        );
+        let fx = crate::lifecycle::testkit::env();
         Env {
-            _dir: dir,
-            l,
+            l: fx.l.clone(),
             reader: Arc::new(FakeUsage {
-                procs,
+                procs: fx.procs.clone(),
                 blind: AtomicBool::new(false),
             }),
-            spec: VmSpec {
-                vcpus: 1,
-                memory_mib: 128,
-                kernel,
-                rootfs,
-                initrd: None,
-                kernel_args: hearth_api::DEFAULT_KERNEL_ARGS.into(),
-                capabilities: vec![],
-            },
+            spec: fx.spec.clone(),
+            _fx: fx,
         }
     }
 
@@ -958,7 +912,7 @@ mod tests {
         let rt = Runtime {
             pid: Some(4242),
             pid_start_time: Some(1),
-            api_socket: Some(e._dir.path().join("ghost.sock")),
+            api_socket: Some(e._fx._dir.path().join("ghost.sock")),
             started_at_ms: Some(now_ms()),
             ..Runtime::default()
         };

@@ -359,67 +359,23 @@ pub async fn offline(config: &Config, remove_them: bool) -> anyhow::Result<Vec<O
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use hearth_api::{CreateVmRequest, VmSpec};
 
     use super::*;
-    use crate::capability::HostNet;
-    use crate::host::disk::fake::FakeDisk;
-    use crate::host::fake::FakeProcesses;
-    use crate::host::firewall::fake::FakeFirewall;
     use crate::host::net::NetHost;
-    use crate::host::net::fake::FakeNet;
     use crate::host::{ProcessHost, SpawnSpec};
-    use crate::lifecycle::Lifecycle;
-    use crate::vmm::fake::FakeVmm;
 
     #[tokio::test]
     async fn finds_only_unclaimed_objects_and_removes_them_in_order() {
-        let dir = tempfile::Builder::new()
-            .prefix("hearth-test-")
-            .tempdir()
-            .unwrap();
-        let config = Config {
-            state_dir: dir.path().join("state"),
-            ..Config::default()
-        };
-        let (procs, net, fw, disk) = (
-            FakeProcesses::new(),
-            FakeNet::new(),
-            FakeFirewall::new(),
-            FakeDisk::new(),
-        );
-        disk.set_dm_available(true);
-        net.set_sysctl("net.ipv4.ip_forward", "1").unwrap();
-        let host = Host {
-            procs: Arc::new(procs.clone()),
-            net: Arc::new(net.clone()),
-            firewall: Arc::new(fw.clone()),
-            disk: Arc::new(disk.clone()),
-        };
-        let store = Arc::new(Store::open(&config.db_path()).unwrap());
-        let l = Lifecycle::new(
-            store.clone(),
-            config.clone(),
-            host.clone(),
-            Arc::new(FakeVmm::new(procs.clone())),
-            HostNet {
-                uplink: Some("eth0".into()),
-            },
-        );
-        let img = dir.path().join("img");
-        std::fs::write(&img, b"x").unwrap();
+        let fx = crate::lifecycle::testkit::env_with(true);
+        let (l, procs, net, fw, disk) = (&fx.l, &fx.procs, &fx.net, &fx.fw, &fx.disk);
+        let (config, store, host) = (l.config().clone(), l.store(), l.host());
+        let dir = fx._dir.path();
         l.create(CreateVmRequest {
             name: "live".into(),
             spec: VmSpec {
-                vcpus: 1,
-                memory_mib: 128,
-                kernel: img.clone(),
-                rootfs: img,
-                initrd: None,
-                kernel_args: String::new(),
                 capabilities: vec!["nat".into()],
+                ..fx.spec.clone()
             },
             ttl_secs: None,
         })
@@ -439,7 +395,7 @@ mod tests {
             .spawn(&SpawnSpec {
                 program: "vmm".into(),
                 args: vec!["--api-sock".into(), ghost.join("api.sock").into()],
-                console_log: dir.path().join("c.log"),
+                console_log: dir.join("c.log"),
             })
             .unwrap();
         net.create_tap("hth99").await.unwrap();
@@ -457,7 +413,7 @@ mod tests {
         disk.add_orphan_loop(&cow, false);
         disk.add_orphan_dm("hearth-00000000dead", &cow, &cow);
 
-        let found = find(&config, &store, &host).await.unwrap();
+        let found = find(&config, store, &host).await.unwrap();
         let kinds: Vec<_> = found.iter().map(|f| f.target.kind()).collect();
         assert_eq!(
             kinds,
@@ -466,7 +422,7 @@ mod tests {
         );
         let removed = remove(&found, &host).await;
         assert!(removed.iter().all(|(_, e)| e.is_none()), "{removed:?}");
-        assert!(find(&config, &store, &host).await.unwrap().is_empty());
+        assert!(find(&config, store, &host).await.unwrap().is_empty());
         // The live VM kept everything; the veth named hth* was never touched.
         assert_eq!(l.get("live").unwrap().state, hearth_api::VmState::Running);
         assert_eq!(fw.installed().len(), 1);

@@ -2,7 +2,6 @@
 //! error mapping, over the fake host.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -10,36 +9,22 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 
 use super::*;
-use crate::config::Config;
-use crate::host::fake::FakeProcesses;
-use crate::store::Store;
-use crate::vmm::fake::FakeVmm;
 
-fn app() -> (tempfile::TempDir, Router) {
-    let dir = tempfile::Builder::new()
-        .prefix("hearth-test-")
-        .tempdir()
-        .unwrap();
-    let config = Config {
-        state_dir: dir.path().join("state"),
-        ..Config::default()
-    };
-    let store = Arc::new(Store::open(&config.db_path()).unwrap());
-    let procs = FakeProcesses::new();
-    let host = crate::lifecycle::Host {
-        procs: Arc::new(procs.clone()),
-        net: Arc::new(crate::host::net::fake::FakeNet::new()),
-        firewall: Arc::new(crate::host::firewall::fake::FakeFirewall::new()),
-        disk: Arc::new(crate::host::disk::fake::FakeDisk::new()),
-    };
-    let l = Lifecycle::new(
-        store,
-        config,
-        host,
-        Arc::new(FakeVmm::new(procs)),
-        crate::capability::HostNet { uplink: None },
-    );
-    (dir, router(l))
+/// The router over the shared fake fixture; the fixture keeps its temp dir
+/// alive.
+fn app() -> (Fixture, Router) {
+    let fx = crate::lifecycle::testkit::env();
+    let app = router(fx.l.clone());
+    (Fixture(fx), app)
+}
+
+/// The fixture, seen as the temp dir the tests make files in.
+struct Fixture(crate::lifecycle::testkit::Env);
+
+impl Fixture {
+    fn path(&self) -> &std::path::Path {
+        self.0._dir.path()
+    }
 }
 
 async fn call(
@@ -215,7 +200,7 @@ async fn read_all(resp: Response) -> Vec<u8> {
         .to_vec()
 }
 
-fn create_body(dir: &tempfile::TempDir, name: &str) -> String {
+fn create_body(dir: &Fixture, name: &str) -> String {
     let k = dir.path().join("k");
     std::fs::write(&k, "k").unwrap();
     serde_json::json!({"name": name, "spec": {"vcpus": 1, "memory_mib": 128, "kernel": k, "rootfs": k}})

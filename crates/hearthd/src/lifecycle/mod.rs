@@ -15,6 +15,8 @@ mod teardown;
 mod validate;
 
 #[cfg(test)]
+pub(crate) mod testkit;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;

@@ -1,100 +1,17 @@
 //! Lifecycle against the fake host and the fake VMM: every failure branch
 //! of start unwinds, every teardown fallback is taken.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::path::PathBuf;
 
 use hearth_api::{CreateVmRequest, Runtime, VmRules, VmSpec, VmState};
 
 use super::*;
-use crate::host::disk::fake::FakeDisk;
-use crate::host::fake::FakeProcesses;
-use crate::host::firewall::fake::FakeFirewall;
 use crate::host::net::NetHost;
-use crate::host::net::fake::FakeNet;
 use crate::store::Transition;
-use crate::vmm::fake::FakeVmm;
 
-struct Env {
-    _dir: tempfile::TempDir,
-    l: Arc<Lifecycle>,
-    procs: FakeProcesses,
-    net: FakeNet,
-    fw: FakeFirewall,
-    disk: FakeDisk,
-    vmm: FakeVmm,
-    spec: VmSpec,
-}
-
-fn env() -> Env {
-    env_with(false)
-}
-
-fn host(e: &Env) -> Host {
-    Host {
-        procs: Arc::new(e.procs.clone()),
-        net: Arc::new(e.net.clone()),
-        firewall: Arc::new(e.fw.clone()),
-        disk: Arc::new(e.disk.clone()),
-    }
-}
-
-fn uplink() -> HostNet {
-    HostNet {
-        uplink: Some("eth0".into()),
-    }
-}
-
-/// A lifecycle over fakes; `dm` makes device-mapper available (so `auto`
-/// picks dm-snapshot).
-fn env_with(dm: bool) -> Env {
-    let dir = tempfile::Builder::new()
-        .prefix("hearth-test-")
-        .tempdir()
-        .unwrap();
-    let config = Config {
-        state_dir: dir.path().join("state"),
-        stop_timeout_secs: 1,
-        ..Config::default()
-    };
-    let kernel = dir.path().join("vmlinux");
-    let rootfs = dir.path().join("rootfs.ext4");
-    std::fs::write(&kernel, b"k").unwrap();
-    std::fs::write(&rootfs, b"r").unwrap();
-    let store = Arc::new(Store::open(&config.db_path()).unwrap());
-    let procs = FakeProcesses::new();
-    let vmm = FakeVmm::new(procs.clone());
-    let (net, fw, disk) = (FakeNet::new(), FakeFirewall::new(), FakeDisk::new());
-    disk.set_dm_available(dm);
-    NetHost::set_sysctl(&net, "net.ipv4.ip_forward", "0").unwrap();
-    let host = Host {
-        procs: Arc::new(procs.clone()),
-        net: Arc::new(net.clone()),
-        firewall: Arc::new(fw.clone()),
-        disk: Arc::new(disk.clone()),
-    };
-    let l = Lifecycle::new(store, config, host, Arc::new(vmm.clone()), uplink());
-    Env {
-        _dir: dir,
-        l,
-        procs,
-        net,
-        fw,
-        disk,
-        vmm,
-        spec: VmSpec {
-            vcpus: 2,
-            memory_mib: 256,
-            kernel,
-            rootfs,
-            initrd: None,
-            kernel_args: hearth_api::DEFAULT_KERNEL_ARGS.into(),
-            capabilities: vec![],
-        },
-    }
-}
+use super::testkit::{Env, env, env_with, host, uplink};
 
 impl Env {
     fn create(&self, name: &str) -> Vm {
