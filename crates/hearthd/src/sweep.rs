@@ -382,7 +382,7 @@ mod tests {
         .unwrap();
         l.start("live").await.unwrap();
         assert!(
-            find(&config, &store, &host).await.unwrap().is_empty(),
+            find(&config, store, &host).await.unwrap().is_empty(),
             "a live VM is not an orphan"
         );
 
