@@ -9,11 +9,17 @@ cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 
+# Tests run against a hearthd with its failpoints compiled in (the crash
+# suite, crates/hearthd/tests/crash.rs, arms them and fails without them);
+# release builds carry none. Clippy checks both configurations.
+features=(--features hearthd/failpoints)
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo build --workspace --all-targets --locked
+cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
+cargo build --workspace --all-targets --locked "${features[@]}"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --locked --no-fail-fast "${features[@]}"
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast "${features[@]}"
 fi

@@ -156,10 +156,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         took_ms = t.elapsed().as_millis() as u64,
         "recovered VMs from the store"
     );
-    let swept = lifecycle.gc().await?;
-    if !swept.is_empty() {
-        let failed = swept.iter().filter(|o| o.error.is_some()).count();
-        tracing::info!(orphans = swept.len(), failed, "orphan sweep done");
+    // An orphan sweep that cannot run (nft listing fails, say) must not
+    // keep the daemon — and every VM's API — down: the orphans stay for
+    // the next sweep (`hearth gc`, or the next start).
+    match lifecycle.gc().await {
+        Ok(swept) if !swept.is_empty() => {
+            let failed = swept.iter().filter(|o| o.error.is_some()).count();
+            tracing::info!(orphans = swept.len(), failed, "orphan sweep done");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "orphan sweep failed; continuing")
+        }
     }
     lifecycle.prewarm_taps().await?;
     // Only after recovery: every VM the poller sees is adopted or settled.

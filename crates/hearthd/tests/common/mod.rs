@@ -151,6 +151,14 @@ impl TestEnv {
 
     /// Starts `hearthd` in the namespace and waits for its socket.
     pub fn start_daemon(&mut self) {
+        if let Err(st) = self.try_start_daemon() {
+            panic!("hearthd exited at start ({st}):\n{}", self.daemon_log());
+        }
+    }
+
+    /// Spawns `hearthd` in the namespace (with [`TestEnv::daemon_env`])
+    /// without waiting for it to serve.
+    pub fn spawn_daemon(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -175,19 +183,45 @@ impl TestEnv {
             cmd.env(k, v);
         }
         self.daemon = Some(cmd.spawn().unwrap());
+    }
+
+    /// Starts `hearthd` and waits for its socket; returns its exit status
+    /// instead when it exits first (a daemon that refuses to start, or one
+    /// armed to fail while it starts). Panics if it neither serves nor
+    /// exits within 10 s.
+    pub fn try_start_daemon(&mut self) -> Result<(), std::process::ExitStatus> {
+        self.spawn_daemon();
         let start = Instant::now();
         loop {
             if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
-                panic!("hearthd exited at start ({st}):\n{}", self.daemon_log());
+                self.daemon = None;
+                return Err(st);
             }
             if self.try_api("GET", "/v1/health", None).is_some() {
-                return;
+                return Ok(());
             }
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "hearthd did not answer:\n{}",
                 self.daemon_log()
             );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to `timeout` for the daemon to exit on its own; returns its
+    /// exit status, or `None` if it is still running.
+    pub fn wait_daemon_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let st = self.daemon.as_mut()?.try_wait().unwrap();
+            if let Some(st) = st {
+                self.daemon = None;
+                return Some(st);
+            }
+            if start.elapsed() >= timeout {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
