@@ -7,10 +7,11 @@
 #           netns for test isolation), iputils-ping (the testvmm guest-network
 #           test pings the guest), util-linux (losetup, for leak-audit),
 #           e2fsprogs (mkfs.ext4 for the demo rootfs), python3 (the demo
-#           reads `hearth doctor --json`)
+#           reads `hearth doctor --json`), iptables + curl (the benchmark's
+#           shell-script variant, the way Firecracker's guides set a VM up)
 # and the rustfmt and clippy toolchain components.
 set -euo pipefail
-want=(libclang-dev pkg-config libdevmapper-dev nftables iproute2 iputils-ping util-linux e2fsprogs python3)
+want=(libclang-dev pkg-config libdevmapper-dev nftables iproute2 iputils-ping util-linux e2fsprogs python3 iptables curl)
 need=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
