@@ -380,6 +380,8 @@ fn tun_create_persistent(name: &str) -> Result<Result<(), TunRefusal>, NetError>
 pub struct LinuxNet {
     handle: Handle,
     connection: AbortHandle,
+    /// Serialises requests on the shared socket (see the trait methods).
+    serial: tokio::sync::Mutex<()>,
 }
 
 impl Drop for LinuxNet {
@@ -406,7 +408,11 @@ impl LinuxNet {
                 source: Box::new(e),
             })?;
         let connection = runtime.spawn(connection).abort_handle();
-        Ok(Self { handle, connection })
+        Ok(Self {
+            handle,
+            connection,
+            serial: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// The link called `name`, or `None` if there is none.
@@ -595,6 +601,9 @@ impl LinuxNet {
 #[async_trait]
 impl NetHost for LinuxNet {
     async fn create_tap(&self, name: &str) -> Result<(), NetError> {
+        // One netlink exchange at a time: concurrent dumps on the one
+        // socket make the kernel answer EBUSY or drop replies (ENOBUFS).
+        let _serial = self.serial.lock().await;
         validate_tap_name(name)?;
         match tun_create_persistent(name)? {
             Ok(()) => Ok(()),
@@ -608,6 +617,9 @@ impl NetHost for LinuxNet {
         host_addr: Ipv4Addr,
         prefix_len: u8,
     ) -> Result<(), NetError> {
+        // One netlink exchange at a time: concurrent dumps on the one
+        // socket make the kernel answer EBUSY or drop replies (ENOBUFS).
+        let _serial = self.serial.lock().await;
         validate_tap_name(name)?;
         validate_addr(host_addr, prefix_len)?;
         let gone = || NetError::Netlink {
@@ -649,6 +661,9 @@ impl NetHost for LinuxNet {
     }
 
     async fn reset_tap(&self, name: &str) -> Result<(), NetError> {
+        // One netlink exchange at a time: concurrent dumps on the one
+        // socket make the kernel answer EBUSY or drop replies (ENOBUFS).
+        let _serial = self.serial.lock().await;
         validate_tap_name(name)?;
         let Some(link) = self.find_link(name).await? else {
             return Ok(());
@@ -658,6 +673,9 @@ impl NetHost for LinuxNet {
     }
 
     async fn delete_link(&self, name: &str) -> Result<(), NetError> {
+        // One netlink exchange at a time: concurrent dumps on the one
+        // socket make the kernel answer EBUSY or drop replies (ENOBUFS).
+        let _serial = self.serial.lock().await;
         validate_owned_link(name)?;
         // By name, in one request: no lookup round trip.
         let mut msg = LinkMessage::default();
@@ -670,11 +688,17 @@ impl NetHost for LinuxNet {
     }
 
     async fn link_exists(&self, name: &str) -> Result<bool, NetError> {
+        // One netlink exchange at a time: concurrent dumps on the one
+        // socket make the kernel answer EBUSY or drop replies (ENOBUFS).
+        let _serial = self.serial.lock().await;
         validate_ifname(name)?;
         Ok(self.find_link(name).await?.is_some())
     }
 
     async fn list_links(&self, prefix: &str) -> Result<Vec<String>, NetError> {
+        // One netlink exchange at a time: concurrent dumps on the one
+        // socket make the kernel answer EBUSY or drop replies (ENOBUFS).
+        let _serial = self.serial.lock().await;
         let mut names: Vec<String> = self
             .link_names()
             .await?
@@ -686,6 +710,9 @@ impl NetHost for LinuxNet {
     }
 
     async fn list_taps(&self, prefix: &str) -> Result<Vec<String>, NetError> {
+        // One netlink exchange at a time: concurrent dumps on the one
+        // socket make the kernel answer EBUSY or drop replies (ENOBUFS).
+        let _serial = self.serial.lock().await;
         let links: Vec<LinkMessage> = self
             .handle
             .link()
@@ -706,6 +733,9 @@ impl NetHost for LinuxNet {
     }
 
     async fn routes(&self) -> Result<Vec<Route>, NetError> {
+        // One netlink exchange at a time: concurrent dumps on the one
+        // socket make the kernel answer EBUSY or drop replies (ENOBUFS).
+        let _serial = self.serial.lock().await;
         let mut query = RouteMessage::default();
         query.header.address_family = AddressFamily::Inet;
         query.header.table = RouteHeader::RT_TABLE_MAIN;
