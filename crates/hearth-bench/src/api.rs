@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use hearth_api::client::{HttpMethod, request};
@@ -15,6 +16,19 @@ use hearth_api::{Health, Vm, VmState};
 /// reused round-robin (far more than VMs ever exist at once).
 const FIRST_PORT: u32 = 20_000;
 const PORTS: u32 = 20_000;
+
+/// How long any one request may take. Every operation the bench asks for
+/// answers within a second or two even with 32 clients or 1,000 VMs; one
+/// that has not answered after this is hung, and the bench says so instead
+/// of waiting for ever.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request that got no answer within [`TIMEOUT`].
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: no answer within {TIMEOUT:?} (hearthd hung)")]
+pub struct Hung {
+    what: String,
+}
 
 /// `GET /v1/health`.
 pub async fn health(socket: &Path) -> anyhow::Result<Health> {
@@ -53,8 +67,11 @@ impl Hearth {
         body: Option<Vec<u8>>,
         want: u16,
     ) -> anyhow::Result<Vec<u8>> {
-        let resp = request(&self.socket, method.clone(), path, body)
+        let resp = tokio::time::timeout(TIMEOUT, request(&self.socket, method.clone(), path, body))
             .await
+            .map_err(|_| Hung {
+                what: format!("{method} {path}"),
+            })?
             .with_context(|| format!("{method} {path}"))?;
         if resp.status.as_u16() != want {
             bail!(
@@ -140,10 +157,10 @@ impl Hearth {
         loop {
             match self.call(HttpMethod::DELETE, &path, None, 204).await {
                 Ok(_) => return Ok(()),
-                Err(e) if tries >= 20 => return Err(e),
+                Err(e) if tries >= 20 || e.is::<Hung>() => return Err(e),
                 Err(_) => {
                     tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
                 }
             }
         }

@@ -59,6 +59,12 @@ struct Owned {
 
 static OWNED: Mutex<Option<Owned>> = Mutex::new(None);
 
+/// Held for the whole of a [`cleanup`], so that a second caller (the main
+/// thread after a signal made its request fail, or the signal thread while
+/// the main thread cleans up) waits for the first to finish instead of
+/// finding nothing to do and letting the process exit half-way.
+static CLEANING: Mutex<()> = Mutex::new(());
+
 fn owned() -> std::sync::MutexGuard<'static, Option<Owned>> {
     OWNED.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -126,7 +132,12 @@ impl Env {
     /// Makes the temp dir, the namespaces and the files, and moves the
     /// calling thread into the host namespace. Must run before any other
     /// thread is started, so that all of them inherit the namespace.
-    pub fn create(bins: Binaries) -> anyhow::Result<Env> {
+    pub fn create(bins: Binaries, extra_config: &[String]) -> anyhow::Result<Env> {
+        for line in extra_config {
+            if !line.contains('=') {
+                bail!("--hearthd-config wants `key = value`, got {line:?}");
+            }
+        }
         let tmp = tempfile::Builder::new()
             .prefix("hearth-bench-")
             .tempdir()
@@ -174,13 +185,17 @@ impl Env {
         let config = tmp.join("hearth.toml");
         // Every key the bench depends on, explicitly: rootfs by copy (the
         // issue's case), the default pool and tap pool.
-        let toml = format!(
+        let mut toml = format!(
             "state_dir = {:?}\nsocket = {:?}\nvmm_binary = {:?}\ndisk_strategy = \"copy\"\n\
              address_pool = \"10.231.0.0/16\"\nstop_timeout_secs = 10\n",
             state_dir.display().to_string(),
             socket.display().to_string(),
             bins.testvmm.display().to_string(),
         );
+        for line in extra_config {
+            toml.push_str(line);
+            toml.push('\n');
+        }
         std::fs::write(&config, toml).context("write the config")?;
         Ok(Env {
             daemon_log: tmp.join("hearthd.log"),
@@ -388,11 +403,12 @@ pub struct CleanupReport {
     pub errors: Vec<String>,
 }
 
-/// Removes everything the bench made; runs once (later calls do nothing).
-/// Order matters: processes first (a namespace with a process in it
-/// outlives `ip netns del`, taps and all), then the namespaces, then the
-/// files.
+/// Removes everything the bench made; runs once (later calls wait for it
+/// to finish, then do nothing). Order matters: processes first (a namespace
+/// with a process in it outlives `ip netns del`, taps and all), then the
+/// namespaces, then the files.
 pub fn cleanup() -> CleanupReport {
+    let _cleaning = CLEANING.lock().unwrap_or_else(|p| p.into_inner());
     let mut report = CleanupReport::default();
     let Some(o) = owned().take() else {
         return report;
@@ -401,11 +417,21 @@ pub fn cleanup() -> CleanupReport {
         sigkill(pid);
         report.killed += 1;
     }
-    for _ in 0..100 {
+    // Until two scans 50 ms apart find nothing: a step of the main thread
+    // that was under way (a shell script, a bare start) may still spawn
+    // one more process after a scan.
+    let mut quiet = 0;
+    for _ in 0..200 {
         let left = processes_mentioning(&o.tmp);
         if left.is_empty() {
-            break;
+            quiet += 1;
+            if quiet == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
         }
+        quiet = 0;
         for pid in left {
             sigkill(pid);
             report.killed += 1;

@@ -46,7 +46,8 @@ struct Args {
     #[arg(long, value_name = "N")]
     vms: Option<usize>,
     /// Measured repetitions of the start/stop comparison (default 30, 3
-    /// with --quick); the scale phase uses the same number, at most 20.
+    /// with --quick) and starts measured at each scale level (default 20,
+    /// 3 with --quick).
     #[arg(long, value_name = "N")]
     reps: Option<usize>,
     /// Phases to run, comma-separated: start, throughput, scale, recovery
@@ -62,6 +63,11 @@ struct Args {
     /// Where to write the JSON (default: <target>/bench/hearth-bench.json).
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// An extra line for hearthd's config file, `key = value` in TOML (for
+    /// experiments: `--hearthd-config 'poll_interval_ms = 3600000'`).
+    /// Repeatable; recorded in the JSON.
+    #[arg(long = "hearthd-config", value_name = "TOML")]
+    hearthd_config: Vec<String>,
 }
 
 /// The tools the bench runs and the Debian packages that have them.
@@ -128,7 +134,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
             vec![(1, 30), (8, 120), (32, 256)]
         },
         levels,
-        scale_reps: reps.min(20),
+        scale_reps: args.reps.unwrap_or(if quick { 3 } else { 20 }).max(1),
         nft_reps: if quick { 3 } else { 10 },
         recovery_reps: if quick { 1 } else { 3 },
         phases,
@@ -257,13 +263,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             "throughput_trials": plan.tp_trials,
             "rootfs": "64 MiB sparse image, 1.06 MiB of data, copied (disk_strategy = copy)",
             "vm": "1 vCPU, 128 MiB, capabilities nat + port-forward",
+            "hearthd_config": args.hearthd_config,
         },
     });
 
     env::prepare_process()?;
     env::install_signal_cleanup()?;
     let guard = CleanupGuard;
-    let env = Env::create(bins)?;
+    let env = Env::create(bins, &args.hearthd_config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

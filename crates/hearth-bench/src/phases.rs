@@ -5,9 +5,12 @@
 //!    alike; the first reps are warm-up and discarded);
 //! 2. **stop** — timed in the same reps, right after each start;
 //! 3. **throughput** — create→start→stop→delete cycles with 1, 8 and 32
-//!    concurrent clients;
-//! 4. **scale** — the start of one more VM, one nft transaction, the rule
-//!    count and hearthd's RSS with 10, 100 and 1,000 VMs running;
+//!    concurrent clients, with the CPU hearthd and its children used per
+//!    cycle (operations hearthd refuses are retried as a user would, and
+//!    counted);
+//! 4. **scale** — the start of one more VM (hearth and bare), one nft
+//!    transaction, the rule count and hearthd's RSS with 10, 100 and 1,000
+//!    VMs running;
 //! 5. **recovery** — SIGKILL hearthd with the VMs of 4 running and restart
 //!    it (re-adoption), then again after killing every VMM while it is
 //!    down (teardown of all).
@@ -26,7 +29,7 @@ use hearth_api::{PortForward, Proto, VmRules, VmState, short_id};
 use hearthd::host::firewall::Firewall;
 use tokio::task::JoinSet;
 
-use crate::api::Hearth;
+use crate::api::{Hearth, Hung};
 use crate::bare::{Bare, STEPS};
 use crate::env::{self, ABORTING, Daemon, Env, UPLINK};
 use crate::shell::Shell;
@@ -68,8 +71,14 @@ pub struct Phases {
     pub recovery: bool,
 }
 
-/// Clients that fill the host with VMs, and empty it again.
-const FILL_CLIENTS: usize = 8;
+/// Attempts at one start before a throughput cycle gives up.
+const START_TRIES: usize = 5;
+
+/// Clients that fill the host with VMs, and empty it again. One: hearthd
+/// fails some operations when several run at once (the throughput phase
+/// measures that and reports it), and the scale phase must reach its
+/// levels reliably, whatever the concurrency bugs of the day.
+const FILL_CLIENTS: usize = 1;
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
@@ -341,10 +350,34 @@ impl Bench<'_> {
             );
             for _ in 0..self.plan.tp_trials {
                 check_abort()?;
-                let (rate, lat) = self.cycles(clients, cycles).await?;
+                let result = self.cycles(clients, cycles).await;
+                self.settle(&format!("throughput, {clients} clients"))
+                    .await?;
+                let Cycles {
+                    rate,
+                    lat,
+                    cpu_per_cycle,
+                    busy,
+                } = result?;
+                if let Some(cpu) = cpu_per_cycle.filter(|&c| c > 0.0) {
+                    self.report.add(
+                        &format!("throughput.c{clients}.cpu"),
+                        &format!("CPU per cycle, {clients} client(s) (hearthd + nft + VMM)"),
+                        "ms",
+                        cpu,
+                    );
+                }
+                if let Some(busy) = busy.filter(|&b| b > 0.0) {
+                    self.report.add(
+                        &format!("throughput.c{clients}.busy"),
+                        &format!("machine CPU busy, {clients} client(s) (all cores)"),
+                        "%",
+                        busy,
+                    );
+                }
                 self.report.add(
                     &format!("throughput.c{clients}"),
-                    &format!("throughput, {clients} client(s): create→start→stop→delete"),
+                    &format!("throughput, {clients} client(s): create→start→stop→delete cycles"),
                     "cycles/s",
                     rate,
                 );
@@ -364,10 +397,12 @@ impl Bench<'_> {
     /// `cycles` full cycles spread over `clients` concurrent clients;
     /// returns successful cycles per second and each one's latency. A
     /// failed cycle is recorded, its VM force-deleted, and not counted.
-    async fn cycles(&self, clients: usize, cycles: usize) -> anyhow::Result<(f64, Vec<f64>)> {
+    async fn cycles(&self, clients: usize, cycles: usize) -> anyhow::Result<Cycles> {
         let next = Arc::new(AtomicUsize::new(0));
         let lat = Arc::new(Mutex::new(Vec::with_capacity(cycles)));
         let phase = format!("throughput, {clients} clients");
+        let pid = self.daemon_pid()?;
+        let (cpu0, busy0) = (tree_cpu_ms(pid), machine_ticks());
         let t = Instant::now();
         let mut set = JoinSet::new();
         for _ in 0..clients {
@@ -384,16 +419,42 @@ impl Bench<'_> {
                             continue;
                         }
                     };
+                    // As a client would: a refused start is retried (from
+                    // `error`, hearthd first retries the teardown of what
+                    // the failed start left), a refused stop or delete is
+                    // finished with a forced delete. Every refusal is
+                    // recorded; the cycle counts once its VM is gone.
                     let cycle = async {
-                        h.start(&name).await?;
-                        h.stop(&name).await?;
-                        h.delete(&name).await
+                        let mut tries = 0;
+                        while let Err(e) = h.start(&name).await {
+                            tries += 1;
+                            if tries == START_TRIES || e.is::<Hung>() {
+                                return Err(e);
+                            }
+                            record(&failures, &phase, &e);
+                        }
+                        let stopped = h.stop(&name).await;
+                        let deleted = match stopped {
+                            Ok(_) => h.delete(&name).await,
+                            Err(e) => Err(e),
+                        };
+                        match deleted {
+                            Err(e) if !e.is::<Hung>() => {
+                                record(&failures, &phase, &e);
+                                h.force_delete(&name).await
+                            }
+                            other => other,
+                        }
                     };
                     match cycle.await {
                         Ok(()) => lat.lock().unwrap_or_else(|p| p.into_inner()).push(ms(t)),
                         Err(e) => {
                             record(&failures, &phase, &e);
-                            h.force_delete(&name).await?;
+                            // What cannot be deleted now is left to
+                            // `settle`, after the trial.
+                            if let Err(e) = h.force_delete(&name).await {
+                                record(&failures, &phase, &e);
+                            }
                         }
                     }
                 }
@@ -404,11 +465,67 @@ impl Bench<'_> {
             r.context("client task")??;
         }
         let elapsed = t.elapsed().as_secs_f64();
+        let (cpu1, busy1) = (tree_cpu_ms(pid), machine_ticks());
         let lat = std::mem::take(&mut *lat.lock().unwrap_or_else(|p| p.into_inner()));
         if lat.is_empty() {
             bail!("every one of {cycles} cycles with {clients} clients failed");
         }
-        Ok((lat.len() as f64 / elapsed, lat))
+        let n = lat.len() as f64;
+        Ok(Cycles {
+            rate: n / elapsed,
+            cpu_per_cycle: cpu0.zip(cpu1).map(|(a, b)| (b - a) / n),
+            busy: busy0
+                .zip(busy1)
+                .map(|((b0, t0), (b1, t1))| 100.0 * (b1 - b0) / (t1 - t0).max(1.0)),
+            lat,
+        })
+    }
+
+    /// After a phase in which operations failed: deletes every VM the
+    /// bench does not keep running. One that cannot be deleted (its
+    /// operation hung, holding its lock) is recovered the way an operator
+    /// would: SIGKILL hearthd, restart it (reconcile unwinds what was
+    /// interrupted), delete it then.
+    async fn settle(&mut self, phase: &str) -> anyhow::Result<()> {
+        let keep: std::collections::HashSet<&String> = self.running.iter().collect();
+        let leftovers: Vec<String> = match self.hearth.list().await {
+            Ok(vms) => vms
+                .into_iter()
+                .map(|v| v.name)
+                .filter(|n| !keep.contains(n))
+                .collect(),
+            Err(e) => {
+                record(&self.failures, phase, &e);
+                Vec::new()
+            }
+        };
+        let mut stuck = Vec::new();
+        for name in leftovers {
+            if let Err(e) = self.hearth.force_delete(&name).await {
+                record(&self.failures, phase, &e);
+                stuck.push(name);
+            }
+        }
+        if stuck.is_empty() && self.hearth.health().await.is_ok() {
+            return Ok(());
+        }
+        say(
+            self.t0,
+            &format!(
+                "  {} VM(s) stuck after {phase}: restarting hearthd to recover them",
+                stuck.len()
+            ),
+        );
+        self.report.note(format!(
+            "After {phase}, {} VM(s) could not be deleted (an operation on them hung); \
+             the bench restarted hearthd (SIGKILL) and deleted them after its recovery.",
+            stuck.len()
+        ));
+        self.restart(Duration::from_secs(120)).await?;
+        for name in stuck {
+            self.hearth.force_delete(&name).await?;
+        }
+        Ok(())
     }
 
     /// Creates and starts VMs with [`FILL_CLIENTS`] clients until
@@ -531,7 +648,9 @@ impl Bench<'_> {
     /// Phase 4: at each level, the start of one more VM, one nft
     /// transaction, the rule count, and hearthd's RSS.
     async fn scale_phase(&mut self) -> anyhow::Result<()> {
-        let base = rss_mib(self.daemon_pid()?)?;
+        let pid = self.daemon_pid()?;
+        let base = rss_mib(pid)?;
+        self.report.extra("scale.0.rss_kib", rss_breakdown(pid));
         self.report
             .add("scale.0.rss", "hearthd RSS, no VM running", "MiB", base);
         for level in self.plan.levels.clone() {
@@ -581,7 +700,33 @@ impl Bench<'_> {
                 &format!("scale.{level}.nft"),
                 serde_json::json!({"rules": counts.rules, "chains": counts.chains, "map_elements": counts.elements}),
             );
-            let rss = rss_mib(self.daemon_pid()?)?;
+            for _ in 0..self.plan.nft_reps {
+                let t = Instant::now();
+                let (vm, steps) = self.bare.start().await?;
+                let took = ms(t);
+                let dir = self.bare.stop(vm).await?;
+                self.bare.delete(&dir)?;
+                self.report.add(
+                    &format!("scale.{level}.bare"),
+                    &format!("start, bare, with {level} VMs running"),
+                    "ms",
+                    took,
+                );
+                for ((key, label), v) in STEPS.iter().zip(steps) {
+                    if matches!(*key, "address" | "nft" | "spawn" | "puts") {
+                        self.report.add(
+                            &format!("scale.{level}.bare_step.{key}"),
+                            &format!("  bare step with {level} VMs: {label}"),
+                            "ms",
+                            v,
+                        );
+                    }
+                }
+            }
+            let pid = self.daemon_pid()?;
+            self.report
+                .extra(&format!("scale.{level}.rss_kib"), rss_breakdown(pid));
+            let rss = rss_mib(pid)?;
             self.report.add(
                 &format!("scale.{level}.rss"),
                 &format!("hearthd RSS, {level} VMs running"),
@@ -649,10 +794,11 @@ impl Bench<'_> {
             let h = self.hearth.health().await?;
             let running = h.vms.get("running").copied().unwrap_or(0);
             if running != n as u64 {
-                bail!(
+                let e = anyhow::anyhow!(
                     "after the restart {running} of {n} VMs are running: {:?}",
                     h.vms
                 );
+                record(&self.failures, "recovery of live VMs", &e);
             }
             self.report.add(
                 "recovery.live",
@@ -660,6 +806,14 @@ impl Bench<'_> {
                 "ms",
                 took,
             );
+            if let Some(cpu) = tree_cpu_ms(self.daemon_pid()?).filter(|&c| c > 0.0) {
+                self.report.add(
+                    "recovery.live.cpu",
+                    "  CPU hearthd used for it (with its children)",
+                    "ms",
+                    cpu,
+                );
+            }
             if let Some(t) = self.recover_took_ms().filter(|&t| t > 0.0) {
                 self.report.add(
                     "recovery.live.recover",
@@ -690,14 +844,18 @@ impl Bench<'_> {
             h.vms.get("stopped").copied().unwrap_or(0),
         );
         if running != 0 || stopped != n as u64 {
-            bail!(
-                "after the restart with dead VMMs: {:?} (wanted {n} stopped)",
+            let e = anyhow::anyhow!(
+                "after the restart with dead VMMs: {:?} (wanted all {n} stopped)",
                 h.vms
             );
+            record(&self.failures, "recovery of dead VMs", &e);
         }
+        // Each VM torn down holds no chain any more (those whose teardown
+        // failed may, until the drain force-deletes them).
         let chains = nft_counts().await?.vm_chains;
-        if chains != 0 {
-            bail!("{chains} per-VM nft chains left after tearing down {n} dead VMs");
+        let left = n - (stopped as usize).min(n);
+        if chains > 3 * left {
+            bail!("{chains} per-VM nft chains left after tearing down {stopped} dead VMs");
         }
         self.report.add(
             "recovery.dead",
@@ -705,6 +863,14 @@ impl Bench<'_> {
             "ms",
             took,
         );
+        if let Some(cpu) = tree_cpu_ms(self.daemon_pid()?).filter(|&c| c > 0.0) {
+            self.report.add(
+                "recovery.dead.cpu",
+                "  CPU hearthd used for it (with its nft children)",
+                "ms",
+                cpu,
+            );
+        }
         if let Some(t) = self.recover_took_ms().filter(|&t| t > 0.0) {
             self.report.add(
                 "recovery.dead.recover",
@@ -849,18 +1015,19 @@ impl Bench<'_> {
                 }
             }
         }
-        if let Some(&hi) = levels.last()
-            && let Some(rss) = r.median(&format!("scale.{hi}.rss"))
-        {
-            let limit = 20.0 + hi as f64 * 16.0 / 1024.0;
-            r.target(
-                format!(
-                    "hearthd RSS ≤ 20 MiB + 16 KiB per VM ({hi} VMs: ≤ {} MiB)",
-                    num(limit)
-                ),
-                format!("{} MiB", num(rss)),
-                rss <= limit,
-            );
+        // At every level: the allowance is 20 MiB however few VMs run.
+        for &n in levels {
+            if let Some(rss) = r.median(&format!("scale.{n}.rss")) {
+                let limit = 20.0 + n as f64 * 16.0 / 1024.0;
+                r.target(
+                    format!(
+                        "hearthd RSS ≤ 20 MiB + 16 KiB per VM ({n} VMs: ≤ {} MiB)",
+                        num(limit)
+                    ),
+                    format!("{} MiB", num(rss)),
+                    rss <= limit,
+                );
+            }
         }
         let with = |n: usize| {
             if n == 1000 {
@@ -951,4 +1118,69 @@ async fn ip_links() -> anyhow::Result<Vec<String>> {
         .filter_map(|l| l.split(": ").nth(1))
         .map(|n| n.split('@').next().unwrap_or(n).to_owned())
         .collect())
+}
+
+/// What one throughput trial measured.
+#[derive(Debug)]
+struct Cycles {
+    /// Successful cycles per second.
+    rate: f64,
+    /// Each successful cycle's wall time (ms).
+    lat: Vec<f64>,
+    /// CPU (ms) hearthd and its reaped children (nft, VMMs) used per cycle.
+    cpu_per_cycle: Option<f64>,
+    /// How busy all of the machine's cores were (%).
+    busy: Option<f64>,
+}
+
+/// CPU time (ms) `pid` used, with that of its children it has reaped
+/// (`utime + stime + cutime + cstime` of `/proc/<pid>/stat`): for hearthd,
+/// its own work plus every `nft` it ran and every VMM it reaped. Linux
+/// reports these in USER_HZ, which is 100 on every architecture hearth
+/// runs on.
+fn tree_cpu_ms(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // `rest` starts at field 3; fields 14 to 17 are utime..cstime.
+    let ticks: f64 = f
+        .get(11..15)?
+        .iter()
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    Some(ticks * 10.0)
+}
+
+/// (busy, total) jiffies of all cores, from `/proc/stat`.
+fn machine_ticks() -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = text.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<f64> = cpu
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().sum();
+    // idle and iowait are the 4th and 5th numbers.
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0.0);
+    Some((total - idle, total))
+}
+
+/// hearthd's RSS split (KiB): anonymous (heap, stacks), file-backed (its
+/// binary and libraries), shared memory; and its thread count.
+fn rss_breakdown(pid: u32) -> serde_json::Value {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |key: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    serde_json::json!({
+        "rss": get("VmRSS:"),
+        "anon": get("RssAnon:"),
+        "file": get("RssFile:"),
+        "shmem": get("RssShmem:"),
+        "threads": get("Threads:"),
+    })
 }
