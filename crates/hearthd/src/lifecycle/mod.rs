@@ -203,6 +203,12 @@ pub struct VmPaths {
     pub vmm_log: PathBuf,
     /// Firecracker's metrics.
     pub metrics: PathBuf,
+    /// `copy`: the VM's own copy of its image.
+    pub rootfs_copy: PathBuf,
+    /// `dm-snapshot`: the per-VM link the origin loop is attached through.
+    pub origin_link: PathBuf,
+    /// `dm-snapshot`: the copy-on-write file.
+    pub cow_file: PathBuf,
 }
 
 impl VmPaths {
@@ -214,6 +220,9 @@ impl VmPaths {
             console_log: dir.join("console.log"),
             vmm_log: dir.join("vmm.log"),
             metrics: dir.join("metrics.json"),
+            rootfs_copy: dir.join("rootfs.img"),
+            origin_link: dir.join("origin.img"),
+            cow_file: dir.join("cow.img"),
             dir,
         }
     }
@@ -490,8 +499,8 @@ impl Lifecycle {
                 tap,
                 disk: Some(hearth_api::DiskRecord {
                     strategy: "unknown (record corrupt)".into(),
-                    origin_link: Some(p.dir.join("origin.img")),
-                    cow_file: Some(p.dir.join("cow.img")),
+                    origin_link: Some(p.origin_link),
+                    cow_file: Some(p.cow_file),
                     dm_name: Some(format!("hearth-{}", hearth_api::short_id(&row.id))),
                     ..hearth_api::DiskRecord::default()
                 }),

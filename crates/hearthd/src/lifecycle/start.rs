@@ -363,7 +363,7 @@ impl Lifecycle {
         match self.disk_strategy {
             DiskStrategy::DmSnapshot => self.prepare_dm(id, generation, spec, paths, rt).await,
             DiskStrategy::Copy | DiskStrategy::Auto => {
-                let file = paths.dir.join("rootfs.img");
+                let file = paths.rootfs_copy.clone();
                 rt.disk = Some(DiskRecord {
                     strategy: "copy".into(),
                     image: spec.rootfs.clone(),
@@ -405,8 +405,7 @@ impl Lifecycle {
         paths: &VmPaths,
         rt: &mut Runtime,
     ) -> Result<PathBuf, StepError> {
-        let origin_link = paths.dir.join("origin.img");
-        let cow_file = paths.dir.join("cow.img");
+        let (origin_link, cow_file) = (paths.origin_link.clone(), paths.cow_file.clone());
         rt.disk = Some(DiskRecord {
             strategy: "dm-snapshot".into(),
             image: spec.rootfs.clone(),

@@ -14,6 +14,25 @@ use crate::store::Transition;
 use super::testkit::{Env, env, env_with, host, uplink};
 
 impl Env {
+    /// Leaves `vm` as a daemon that died mid-start would: state `starting`
+    /// with `rt` as its runtime record.
+    fn crashed_mid_start(&self, vm: &Vm, rt: &Runtime) {
+        self.l
+            .store()
+            .transition(
+                vm.id,
+                vm.generation,
+                VmState::Created,
+                Transition {
+                    to: VmState::Starting,
+                    runtime: Some(rt),
+                    last_error: None,
+                    reason: "start",
+                },
+            )
+            .unwrap();
+    }
+
     fn create(&self, name: &str) -> Vm {
         self.l
             .create(CreateVmRequest {
@@ -252,19 +271,7 @@ async fn recovery_finds_a_vmm_whose_pid_was_never_recorded() {
         api_socket: Some(p.api_socket.clone()),
         ..Runtime::default()
     };
-    e.l.store()
-        .transition(
-            vm.id,
-            vm.generation,
-            VmState::Created,
-            Transition {
-                to: VmState::Starting,
-                runtime: Some(&rt),
-                last_error: None,
-                reason: "start",
-            },
-        )
-        .unwrap();
+    e.crashed_mid_start(&vm, &rt);
     let (prog, args) = Backend::command(&e.vmm, &p.api_socket, "x");
     let (orphan, _) = e
         .procs
@@ -542,19 +549,7 @@ async fn a_loop_whose_number_was_never_recorded_is_found_by_its_backing_file() {
         }),
         ..Runtime::default()
     };
-    e.l.store()
-        .transition(
-            vm.id,
-            vm.generation,
-            VmState::Created,
-            Transition {
-                to: VmState::Starting,
-                runtime: Some(&rt),
-                last_error: None,
-                reason: "start",
-            },
-        )
-        .unwrap();
+    e.crashed_mid_start(&vm, &rt);
     e.l.recover().await.unwrap();
     assert!(e.disk.loops().is_empty(), "{orphan:?} left attached");
     assert_released(&e, "a");
@@ -586,19 +581,7 @@ async fn recovery_removes_rules_and_tap_of_a_half_started_vm() {
         port_forwards: vec![],
     };
     rt.firewall = Some(plan.clone());
-    e.l.store()
-        .transition(
-            vm.id,
-            vm.generation,
-            VmState::Created,
-            Transition {
-                to: VmState::Starting,
-                runtime: Some(&rt),
-                last_error: None,
-                reason: "start",
-            },
-        )
-        .unwrap();
+    e.crashed_mid_start(&vm, &rt);
     NetHost::create_tap(&e.net, &tap).await.unwrap();
     NetHost::configure_tap(&e.net, &tap, "10.231.0.1".parse().unwrap(), 30)
         .await

@@ -932,7 +932,6 @@ mod tests {
     use std::collections::BTreeMap;
     use std::net::Ipv4Addr;
     use std::process::Command as StdCommand;
-    use std::time::{Duration, Instant};
 
     use super::*;
     use crate::host::firewall::{PortForward, Proto};
@@ -1395,68 +1394,6 @@ mod tests {
                 .and_then(|r| r.split(' ').next())
                 .unwrap();
             assert!(listed.contains(&format!("# handle {handle}")), "{listed}");
-        });
-    }
-
-    /// Apply + remove of one VM with 0, 100 and 1000 others present:
-    /// `cargo test -p hearthd --lib bench_flat -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "benchmark: populates 1000 VMs"]
-    fn bench_flat_cost_with_many_vms() {
-        in_ns("fw-bench", || async {
-            const ROUNDS: u32 = 20;
-            let plain = Nft::new();
-            let echo = Nft::new().with_handles(true);
-            let other = |i: u16| {
-                vm(
-                    &format!("o{i:04}"),
-                    &format!("hth{i}"),
-                    0,
-                    true,
-                    &[(10000 + i, Proto::Tcp, 80)],
-                )
-            };
-            let probe = vm("probe", "hthprobe", 250, true, &[(9999, Proto::Tcp, 80)]);
-            let mut present = 0u16;
-            for target in [0u16, 100, 1000] {
-                // Populate in batches of 100 VMs per transaction.
-                while present < target {
-                    let mut cmds = head();
-                    for i in present..target.min(present + 100) {
-                        let mut o = other(i);
-                        o.guest_ip = Ipv4Addr::from(0x0a00_0002 + 4 * u32::from(i));
-                        VmPlan::new(&o).apply_into(&mut cmds);
-                    }
-                    plain.transaction("populate", cmds, false).await.unwrap();
-                    present = target.min(present + 100);
-                }
-                assert_eq!(
-                    plain.list_vm_chains().await.unwrap().len(),
-                    usize::from(target)
-                );
-                for (label, fw) in [("plain", &plain), ("--echo", &echo)] {
-                    let (mut apply, mut remove) = (Duration::ZERO, Duration::ZERO);
-                    for _ in 0..ROUNDS {
-                        let t = Instant::now();
-                        fw.apply(&probe).await.unwrap();
-                        apply += t.elapsed();
-                        let t = Instant::now();
-                        fw.remove(&probe).await.unwrap();
-                        remove += t.elapsed();
-                    }
-                    eprintln!(
-                        "{target:>5} VMs, {label:>6}: apply {:>6.1} ms, remove {:>6.1} ms",
-                        apply.as_secs_f64() * 1000.0 / f64::from(ROUNDS),
-                        remove.as_secs_f64() * 1000.0 / f64::from(ROUNDS),
-                    );
-                }
-                let t = Instant::now();
-                plain.list_vm_chains().await.unwrap();
-                eprintln!(
-                    "{target:>5} VMs: list_vm_chains {:>6.1} ms",
-                    t.elapsed().as_secs_f64() * 1000.0
-                );
-            }
         });
     }
 
