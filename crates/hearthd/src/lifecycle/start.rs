@@ -416,7 +416,13 @@ impl Lifecycle {
         self.store.set_runtime(id, generation, rt)?;
         failpoint::check("start.after_disk_recorded")?;
         if !origin_link.exists() {
-            self.disk.link_or_copy(&spec.rootfs, &origin_link)?;
+            // A hard link normally, but a full copy across filesystems:
+            // off the async workers either way.
+            let disk = self.disk.clone();
+            let (src, dst) = (spec.rootfs.clone(), origin_link.clone());
+            tokio::task::spawn_blocking(move || disk.link_or_copy(&src, &dst))
+                .await
+                .map_err(|e| StepError::Plan(format!("link task failed: {e}")))??;
         }
         if !cow_file.exists() {
             let size = std::fs::metadata(&spec.rootfs)
