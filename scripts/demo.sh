@@ -35,9 +35,14 @@ bin=$PWD/target/release
 hearth() { "$bin/hearth" --socket "$work/hearth.sock" "$@"; }
 
 work=$(mktemp -d /tmp/hearth-demo.XXXXXX)
+# hearthd runs in a network namespace of its own, so the demo's tap (kept
+# idle in the pool after the VM is gone, as hearthd does) and any rules go
+# away with it instead of staying on this host.
+netns=hearth-demo-$$
 daemon=""
 cleanup() {
   [[ -n $daemon ]] && kill "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null || true
+  ip netns del "$netns" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -68,11 +73,13 @@ else
   echo "     a TEST STAND-IN that serves Firecracker's API but runs no guest."
 fi
 
-say "starting hearthd (built-in defaults, state in $work/state)"
-HEARTH_CONFIG=/dev/null "$bin/hearthd" --state-dir "$work/state" --socket "$work/hearth.sock" \
-  --vmm-binary "$vmm" 2>"$work/hearthd.log" &
+say "starting hearthd (built-in defaults, state in $work/state, network namespace $netns)"
+ip netns add "$netns"
+ip -n "$netns" link set lo up
+HEARTH_CONFIG=/dev/null ip netns exec "$netns" "$bin/hearthd" --state-dir "$work/state" \
+  --socket "$work/hearth.sock" --vmm-binary "$vmm" 2>"$work/hearthd.log" &
 daemon=$!
-for _ in $(seq 100); do hearth version >/dev/null 2>&1 && break; sleep 0.05; done
+for _ in $(seq 200); do hearth ls >/dev/null 2>&1 && break; sleep 0.05; done
 hearth version
 
 say "hearth create demo"
@@ -84,6 +91,8 @@ hearth ls
 sleep 0.3
 say "hearth logs demo (the serial console)"
 hearth logs demo
+say "hearth inspect demo (what it holds: VMM pid, tap, addresses, disk)"
+hearth inspect demo
 say "hearth stop demo"
 hearth stop demo
 hearth ls
