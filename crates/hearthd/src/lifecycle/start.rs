@@ -360,19 +360,32 @@ impl Lifecycle {
         paths: &VmPaths,
         rt: &mut Runtime,
     ) -> Result<PathBuf, StepError> {
+        // The files the disk is made of are recorded first, whichever way
+        // it is made.
+        let dm = self.disk_strategy == DiskStrategy::DmSnapshot;
+        rt.disk = Some(if dm {
+            DiskRecord {
+                strategy: "dm-snapshot".into(),
+                image: spec.rootfs.clone(),
+                origin_link: Some(paths.origin_link.clone()),
+                cow_file: Some(paths.cow_file.clone()),
+                ..DiskRecord::default()
+            }
+        } else {
+            DiskRecord {
+                strategy: "copy".into(),
+                image: spec.rootfs.clone(),
+                device: Some(paths.rootfs_copy.clone()),
+                copy_file: Some(paths.rootfs_copy.clone()),
+                ..DiskRecord::default()
+            }
+        });
+        self.store.set_runtime(id, generation, rt)?;
+        failpoint::check("start.after_disk_recorded")?;
         match self.disk_strategy {
             DiskStrategy::DmSnapshot => self.prepare_dm(id, generation, spec, paths, rt).await,
             DiskStrategy::Copy | DiskStrategy::Auto => {
                 let file = paths.rootfs_copy.clone();
-                rt.disk = Some(DiskRecord {
-                    strategy: "copy".into(),
-                    image: spec.rootfs.clone(),
-                    device: Some(file.clone()),
-                    copy_file: Some(file.clone()),
-                    ..DiskRecord::default()
-                });
-                self.store.set_runtime(id, generation, rt)?;
-                failpoint::check("start.after_disk_recorded")?;
                 // The copy persists across stops (it is the VM's disk) and
                 // is made under a temporary name, so a crash mid-copy never
                 // leaves a truncated disk that a later start would use.
@@ -406,15 +419,6 @@ impl Lifecycle {
         rt: &mut Runtime,
     ) -> Result<PathBuf, StepError> {
         let (origin_link, cow_file) = (paths.origin_link.clone(), paths.cow_file.clone());
-        rt.disk = Some(DiskRecord {
-            strategy: "dm-snapshot".into(),
-            image: spec.rootfs.clone(),
-            origin_link: Some(origin_link.clone()),
-            cow_file: Some(cow_file.clone()),
-            ..DiskRecord::default()
-        });
-        self.store.set_runtime(id, generation, rt)?;
-        failpoint::check("start.after_disk_recorded")?;
         if !origin_link.exists() {
             // A hard link normally, but a full copy across filesystems:
             // off the async workers either way.
