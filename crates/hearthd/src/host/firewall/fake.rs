@@ -37,7 +37,11 @@ impl Model {
             format!("{op} {detail}")
         });
         if self.fail_at.as_deref() == Some(op) {
-            return Err(refused(op, format!("injected failure at {op}")));
+            return Err(refused(
+                op,
+                "injected".into(),
+                format!("injected failure at {op}"),
+            ));
         }
         Ok(())
     }
@@ -71,14 +75,13 @@ fn keys_of(rules: &VmRules) -> impl Iterator<Item = String> + '_ {
     tap.into_iter().chain(nat).chain(ports)
 }
 
-/// An error shaped like the one a refused nft transaction gives.
-fn refused(op: &'static str, stderr: String) -> FirewallError {
-    FirewallError::Nft {
+/// An error shaped like the one a refused nftables transaction gives.
+fn refused(op: &'static str, what: String, detail: String) -> FirewallError {
+    FirewallError::Refused {
         op,
-        command: "fake-nft -j -f -".into(),
-        status: 1,
-        stdout: String::new(),
-        stderr,
+        what,
+        detail: Some(detail),
+        source: std::io::Error::from_raw_os_error(libc::EEXIST),
     }
 }
 
@@ -141,7 +144,8 @@ impl Firewall for FakeFirewall {
         if let Some(key) = m.clash(rules) {
             return Err(refused(
                 "apply",
-                format!("Error: Could not process rule: File exists ({key} is held by another VM)"),
+                format!("add element {key}"),
+                "the key is held by another VM".into(),
             ));
         }
         let s = &rules.short_id;

@@ -1,5 +1,5 @@
 //! Firewall half of the host: one VM's NAT and port-forward rules, added and
-//! removed as one nftables transaction.
+//! removed as one nftables transaction, sent over netlink.
 //!
 //! Everything lives in hearth's own table, `ip hearth` (never another
 //! table, never another table's policy). Base chains hook prerouting,
@@ -10,6 +10,7 @@
 //! does not grow with the number of VMs present.
 
 pub mod fake;
+mod nfnl;
 pub mod nft;
 
 use async_trait::async_trait;
@@ -21,28 +22,25 @@ pub const TABLE: &str = "hearth";
 /// Why a firewall call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
-    /// `nft` ran and failed; carries what it said.
-    #[error("nft {op} failed: `{command}` exited with status {status}: {stderr}")]
-    Nft {
+    /// The kernel refused a transaction (nothing of it was applied), or a
+    /// dump; names the first message it refused.
+    #[error("nftables {op} refused at `{what}`{}: {source}", detail.as_ref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Refused {
         /// What was attempted.
         op: &'static str,
-        /// The command line that was run.
-        command: String,
-        /// Exit status, or -1 if it was killed by a signal.
-        status: i32,
-        /// Its standard output.
-        stdout: String,
-        /// Its standard error.
-        stderr: String,
-    },
-    /// nft could not be spawned.
-    #[error("cannot run {program}")]
-    Spawn {
-        /// The binary.
-        program: String,
-        /// The OS error.
+        /// The refused message: `add element dnat_ports[tcp . 8080]`.
+        what: String,
+        /// The kernel's own reason (extended ack), or hearth's reading.
+        detail: Option<String>,
+        /// The errno.
         #[source]
         source: std::io::Error,
+    },
+    /// The thread that owns the netlink socket is gone.
+    #[error("nftables {op} failed: the nftables thread is gone")]
+    Gone {
+        /// What was attempted.
+        op: &'static str,
     },
     /// A plan hearth refuses before any kernel call.
     #[error("invalid {what}: {reason}")]
@@ -51,14 +49,6 @@ pub enum FirewallError {
         what: &'static str,
         /// Why.
         reason: String,
-    },
-    /// nft's JSON output could not be parsed.
-    #[error("unexpected nft output for {op}: {detail}")]
-    Output {
-        /// What was attempted.
-        op: &'static str,
-        /// What was wrong.
-        detail: String,
     },
 }
 

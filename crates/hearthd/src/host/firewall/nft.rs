@@ -1,6 +1,6 @@
-//! [`Firewall`] through the `nft` binary: every call is ONE JSON document fed
-//! to ONE `nft -j -f -`, which the kernel commits as one transaction —
-//! all of it or none of it.
+//! [`Firewall`] over nf_tables netlink ([`super::nfnl`]): every call is one
+//! batch on one long-lived socket, which the kernel commits as one
+//! transaction — all of it or none of it.
 //!
 //! # The ruleset
 //!
@@ -48,94 +48,73 @@
 //! with a routable source (with `route_localnet=1` on the tap, set
 //! elsewhere), whichever VM it was DNATed to.
 //!
-//! # Base objects without a cache
+//! # Base objects: once per daemon, and again when missing
 //!
-//! Every transaction starts with the same head: `add` table, base chains
-//! and maps (no-ops when present), then `flush` each base chain and `add`
-//! its few dispatch rules again. `add rule` alone is not idempotent (it
-//! appends a duplicate); flush-and-re-add inside one transaction is, and
-//! it is atomic (packets see the old or the new chain, never an empty
-//! one). No "base exists" flag is cached, so nothing goes stale when the
-//! table is deleted behind our back or two VMs create it concurrently
-//! (the kernel serialises transactions; each leaves exactly one copy).
-//! It costs six rules per transaction, however many VMs there are.
+//! The table, base chains, maps and dispatch rules are made by one
+//! transaction — `add` table, chains and maps (no-ops when present), then
+//! `flush` each base chain and `add` its dispatch rules, atomically (packets
+//! see the old or the new chain, never an empty one) — before the first VM
+//! transaction of this process, and again whenever a transaction fails with
+//! ENOENT (the table or a map was deleted behind our back), after which
+//! that transaction is retried once. VM transactions therefore only add
+//! (apply) or only remove what the VM owns: they never rewrite shared
+//! rules, so they cost the same with 10 or 1,000 VMs.
 //!
 //! # Apply
 //!
-//! Head, then for each of the VM's chains `add` + `flush` (so applying
-//! the same plan again replaces its rules instead of doubling them), its
-//! rules, and its map elements. A map key held by another VM (a host port
-//! already forwarded) makes the kernel refuse the element (EEXIST), and
-//! with it the whole transaction: nothing of the VM is left.
+//! For each of the VM's chains `add` + `flush` (so applying the same plan
+//! again replaces its rules instead of doubling them), its rules, and its
+//! map elements. A map key held by another VM (a host port already
+//! forwarded) makes the kernel refuse the element, and with it the whole
+//! transaction: nothing of the VM is left. Rules are sent with
+//! `NLM_F_ECHO`, so the description returned for `hearth inspect` carries
+//! each rule's kernel handle.
 //!
-//! # Idempotent removal without reading (nft 1.0.6 has no `destroy`)
+//! # Idempotent removal without reading
 //!
-//! One transaction: head (creates table and maps if they are gone), then
-//! `add chain` for all three of the VM's chains (creates them empty if
-//! absent), `add element` for each key the plan uses (a no-op when the
-//! same key → same verdict is present; comments are not compared), then
-//! `delete element` for each key, `flush chain` and `delete chain` for each
-//! chain. Whatever was there or not, the transaction ends with none of it,
-//! so removing twice, or removing what was never applied, succeeds.
+//! One transaction: `add chain` for all three of the VM's chains (creates
+//! them empty if absent), `add element` for each key the plan uses (a no-op
+//! when the same key → same verdict is present; comments are not compared),
+//! then `delete element` for each key, `flush chain` and `delete chain` for
+//! each chain. Whatever was there or not, the transaction ends with none of
+//! it, so removing twice, or removing what was never applied, succeeds
+//! (kernels before 6.3 have no `destroy`).
 //!
 //! Two cases need more, and only they read the ruleset. A key the VM once
 //! had may since have been given to another VM (its port, address or tap
 //! reused after an earlier, successful removal): adding it back with our
-//! verdict clashes (EEXIST), and deleting it by key would remove the other
-//! VM's element. And an element the plan does not name may still point at
-//! the VM's chains (a plan edited since its apply): deleting the chain is
-//! then refused (EBUSY). So when the removal fails, the maps are read
-//! (`nft -j list maps ip`) and it is retried once without the keys that
-//! point at other VMs' chains and with every element that points at ours.
-//! The retry still adds-then-deletes each key, so a race cannot make it
-//! delete a foreign element: it fails instead.
+//! verdict clashes, and deleting it by key would remove the other VM's
+//! element. And an element the plan does not name may still point at the
+//! VM's chains (a plan edited since its apply): deleting the chain is then
+//! refused (EBUSY). So when the removal fails, the maps are read and it is
+//! retried once without the keys that point at other VMs' chains and with
+//! every element that points at ours. The retry still adds-then-deletes
+//! each key, so a race cannot make it delete a foreign element: it fails
+//! instead.
 //!
 //! [`Firewall::remove_orphan`] (a sweep's removal of chains the store
 //! knows nothing about) has no plan at all: it reads the maps first and
 //! removes, in the same kind of transaction, every element that points at
 //! the VM's chains, then the chains.
 //!
-//! # Cost
+//! # Group commit
 //!
-//! Measured on nft 1.0.6 (`bench_flat_cost_with_many_vms`, release build):
-//! apply and remove each take about 18 ms with 0 or 100 other VMs and
-//! about 30 ms with 1000. The fixed part is the process plus an RCU grace
-//! period the kernel waits out when `nft` closes its netlink socket after
-//! a transaction that changed anything. The growth is linear: nft 1.0.6
-//! fetches a cache before a transaction — for these documents tables,
-//! chains and sets, not rules or elements — so 3 chains per VM cost about
-//! 10 ms per 1000 VMs in nft, and the kernel's commit itself grows by
-//! about 3 ms per 1000 VMs (it revalidates the chains reachable through
-//! the jump maps). Talking netlink from a long-lived socket would remove
-//! the process, the socket-close wait and nft's cache, not the kernel part.
-//! `--echo` (to learn rule handles) makes nft fetch the whole ruleset,
-//! rules and elements included: about 180 ms per apply at 1000 VMs, so it
-//! is off unless [`Nft::with_handles`] asks for it. `list table` is avoided
-//! for the same reason; [`Firewall::list_vm_chains`] uses `list chains`.
-//! No nft flag helps: `-c` only checks, `-o` only merges rules of a file.
-//!
-//! # JSON, built by hand
-//!
-//! The documents are built with `serde_json` rather than the `nftables`
-//! crate: its helper runs `nft` itself (synchronously, with its own error
-//! type), which would bypass [`execute`], and nft 1.0.6's JSON dialect has
-//! traps that a schema does not catch — a named priority (`"prio":
-//! "dstnat"`) is silently ignored and makes a regular chain instead of a
-//! base chain — so the dozen object shapes used here are written and tested
-//! against the real binary.
+//! One thread owns the socket. Callers queue their transaction and await
+//! the answer; the thread takes everything queued at once and sends it as
+//! one batch, so 64 concurrent teardowns at a recovery cost a few
+//! transactions, not 64. If a combined batch is refused, each transaction
+//! in it is sent again on its own, so every caller gets its own answer and
+//! one VM's refusal never fails another's.
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
+use std::net::Ipv4Addr;
+use std::sync::mpsc;
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
+use tokio::sync::oneshot;
 
-use super::{Firewall, FirewallError, TABLE, VmRules};
-
-/// hearth's table is in the `ip` family.
-const FAMILY: &str = "ip";
+use super::nfnl::{self, Attrs, Kind, Msg, NfSocket, Refused, attr};
+use super::{Firewall, FirewallError, Proto, TABLE, VmRules};
 
 /// Base chains.
 const PREROUTING: &str = "prerouting";
@@ -148,21 +127,26 @@ const FWD_IIF: &str = "fwd_iif";
 const FWD_OIF: &str = "fwd_oif";
 const NAT_SADDR: &str = "nat_saddr";
 const DNAT_PORTS: &str = "dnat_ports";
+const MAPS: [&str; 4] = [FWD_IIF, FWD_OIF, NAT_SADDR, DNAT_PORTS];
 
 /// Per-VM chain suffixes: `vm-<s>-fwd`, `vm-<s>-post`, `vm-<s>-dnat`.
 const VM_CHAIN_KINDS: [&str; 3] = ["fwd", "post", "dnat"];
 
-/// Linux's IFNAMSIZ less the NUL.
-const IFNAME_MAX: usize = 15;
+/// Linux's IFNAMSIZ; names are compared over all of it, NUL-padded.
+const IFNAMSIZ: usize = 16;
 
-/// nft refuses longer comments.
+/// Userdata comments are one TLV: at most 255 bytes with the NUL; nft
+/// itself refuses more than 128.
 const COMMENT_MAX: usize = 128;
 
-/// The real firewall: nftables through the `nft` binary.
+/// Most messages one combined batch carries (a few hundred KiB).
+const BATCH_MAX_MSGS: usize = 4096;
+
+/// The real firewall: nf_tables over netlink, from one thread that owns
+/// the socket (module doc, "Group commit"). Clones share that thread.
 #[derive(Debug, Clone)]
 pub struct Nft {
-    program: String,
-    echo_handles: bool,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl Default for Nft {
@@ -171,54 +155,56 @@ impl Default for Nft {
     }
 }
 
+/// Where the socket's thread answers.
+type Reply<T> = oneshot::Sender<Result<T, Refused>>;
+
+/// One caller's transaction, waiting to be sent.
+type Pending = (Vec<Msg>, Reply<nfnl::Echoes>);
+
+/// What callers ask of the socket's thread.
+enum Job {
+    Batch(Vec<Msg>, Reply<nfnl::Echoes>),
+    Dump(Kind, Attrs, Reply<Vec<Vec<u8>>>),
+}
+
 impl Nft {
-    /// `nft` from `PATH`, without `--echo`.
+    /// Starts the socket's thread. The socket is opened in the network
+    /// namespace of the calling thread, which the new thread inherits.
     pub fn new() -> Self {
-        Self::with_program("nft")
-    }
-
-    /// Another `nft` binary (tests use one that fails).
-    pub fn with_program(program: impl Into<String>) -> Self {
-        Self {
-            program: program.into(),
-            echo_handles: false,
+        let (jobs, rx) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("hearth-nft".into())
+            .spawn(move || Worker::run(rx));
+        if let Err(e) = spawned {
+            // Every call will then fail with "the nftables thread is gone".
+            tracing::error!(error = %e, "cannot start the nftables thread");
         }
+        Self { jobs }
     }
 
-    /// Runs apply with `--echo --handle` so its description carries rule
-    /// handles. Makes nft 1.0.6 read the whole ruleset on every apply,
-    /// which costs time linear in the number of VMs (module doc, "Cost").
-    pub fn with_handles(mut self, on: bool) -> Self {
-        self.echo_handles = on;
-        self
+    async fn batch(&self, op: &'static str, msgs: Vec<Msg>) -> Result<nfnl::Echoes, FirewallError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Batch(msgs, tx))
+            .map_err(|_| FirewallError::Gone { op })?;
+        rx.await
+            .map_err(|_| FirewallError::Gone { op })?
+            .map_err(|r| refused(op, r))
     }
 
-    /// Runs one transaction; returns what nft printed.
-    async fn transaction(
+    async fn dump(
         &self,
         op: &'static str,
-        commands: Vec<Value>,
-        echo: bool,
-    ) -> Result<String, FirewallError> {
-        let doc = json!({ "nftables": commands });
-        let input = serde_json::to_vec(&doc).map_err(|e| FirewallError::Output {
-            op,
-            detail: format!("cannot encode the transaction: {e}"),
-        })?;
-        let args: &[&str] = if echo {
-            &["-j", "-e", "-a", "-f", "-"]
-        } else {
-            &["-j", "-f", "-"]
-        };
-        execute(&self.program, args, Some(&input), op).await
-    }
-
-    /// Runs an `nft -j list …` and parses what it printed.
-    async fn list(&self, op: &'static str, args: &[&str]) -> Result<Vec<Value>, FirewallError> {
-        let mut full = vec!["-j", "list"];
-        full.extend_from_slice(args);
-        let out = execute(&self.program, &full, None, op).await?;
-        parse_objects(op, &out)
+        kind: Kind,
+        attrs: Attrs,
+    ) -> Result<Vec<Vec<u8>>, FirewallError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Dump(kind, attrs, tx))
+            .map_err(|_| FirewallError::Gone { op })?;
+        rx.await
+            .map_err(|_| FirewallError::Gone { op })?
+            .map_err(|r| refused(op, r))
     }
 
     /// Every element of hearth's maps, with the chain it jumps to (empty
@@ -226,40 +212,155 @@ impl Nft {
     async fn map_elements(&self) -> Result<Vec<Elem>, FirewallError> {
         const OP: &str = "remove (reading maps)";
         let mut found = Vec::new();
-        for obj in self.list(OP, &["maps", FAMILY]).await? {
-            let Some(map) = obj.get("map") else { continue };
-            if map.get("table").and_then(Value::as_str) != Some(TABLE) {
-                continue;
-            }
-            let name = map.get("name").and_then(Value::as_str);
-            let Some(name) = [FWD_IIF, FWD_OIF, NAT_SADDR, DNAT_PORTS]
-                .into_iter()
-                .find(|m| Some(*m) == name)
-            else {
-                continue;
-            };
-            let elems = map.get("elem").and_then(Value::as_array);
-            for pair in elems.into_iter().flatten() {
-                let (Some(key), Some(data)) = (pair.get(0), pair.get(1)) else {
+        for map in MAPS {
+            let mut filter = Attrs::new();
+            filter
+                .str(attr::SET_ELEM_LIST_TABLE, TABLE)
+                .str(attr::SET_ELEM_LIST_SET, map);
+            for obj in self.dump(OP, Kind::GetSetElem, filter).await? {
+                let Some(list) = nfnl::find_attr(&obj, attr::SET_ELEM_LIST_ELEMENTS) else {
                     continue;
                 };
-                // A key with a comment comes as {"elem": {"val": K, …}}.
-                let key = key.get("elem").and_then(|e| e.get("val")).unwrap_or(key);
-                let target = data
-                    .get("jump")
-                    .or_else(|| data.get("goto"))
-                    .and_then(|j| j.get("target"))
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                found.push(Elem {
-                    map: name,
-                    key: key.clone(),
-                    key_text: key.to_string(),
-                    chain: target.to_owned(),
-                });
+                for (_, elem) in nfnl::parse_attrs(list) {
+                    let key = nfnl::find_attr(elem, attr::SET_ELEM_KEY)
+                        .and_then(|k| nfnl::find_attr(k, attr::DATA_VALUE));
+                    let Some(key) = key else { continue };
+                    let chain = nfnl::find_attr(elem, attr::SET_ELEM_DATA)
+                        .and_then(|d| nfnl::find_attr(d, attr::DATA_VERDICT))
+                        .and_then(|v| nfnl::find_attr(v, attr::VERDICT_CHAIN))
+                        .map(nfnl::attr_str)
+                        .unwrap_or_default();
+                    found.push(Elem {
+                        map,
+                        key: key.to_vec(),
+                        key_text: key_text(map, key),
+                        chain,
+                    });
+                }
             }
         }
         Ok(found)
+    }
+}
+
+/// The thread that owns the socket.
+struct Worker {
+    sock: Result<NfSocket, String>,
+    /// Whether this process made the base objects (module doc).
+    base_made: bool,
+}
+
+impl Worker {
+    fn run(rx: mpsc::Receiver<Job>) {
+        let mut w = Worker {
+            sock: NfSocket::open()
+                .map_err(|e| format!("cannot open a netfilter netlink socket: {e}")),
+            base_made: false,
+        };
+        while let Ok(first) = rx.recv() {
+            // Everything queued now goes out together.
+            let mut jobs = vec![first];
+            jobs.extend(rx.try_iter());
+            let mut batches = Vec::new();
+            for job in jobs {
+                match job {
+                    Job::Batch(msgs, reply) => batches.push((msgs, reply)),
+                    Job::Dump(kind, attrs, reply) => {
+                        w.commit(std::mem::take(&mut batches));
+                        let _ = reply.send(w.sock().and_then(|s| s.dump(kind, &attrs)));
+                    }
+                }
+            }
+            w.commit(batches);
+        }
+    }
+
+    fn sock(&mut self) -> Result<&mut NfSocket, Refused> {
+        self.sock.as_mut().map_err(|e| Refused {
+            what: "open socket".into(),
+            error: std::io::Error::other(e.clone()),
+            detail: None,
+        })
+    }
+
+    /// Sends `batches`, combined as far as [`BATCH_MAX_MSGS`] allows; a
+    /// refused combination is retried one transaction at a time.
+    fn commit(&mut self, mut batches: Vec<Pending>) {
+        while !batches.is_empty() {
+            let mut take = 0;
+            let mut msgs = 0;
+            while take < batches.len()
+                && (take == 0 || msgs + batches[take].0.len() <= BATCH_MAX_MSGS)
+            {
+                msgs += batches[take].0.len();
+                take += 1;
+            }
+            let group: Vec<_> = batches.drain(..take).collect();
+            if group.len() == 1 {
+                for (msgs, reply) in group {
+                    let _ = reply.send(self.transaction(&msgs));
+                }
+                continue;
+            }
+            let all: Vec<Msg> = group.iter().flat_map(|(m, _)| m.iter().cloned()).collect();
+            match self.transaction(&all) {
+                Ok(echoes) => {
+                    let mut start = 0;
+                    for (msgs, reply) in group {
+                        let end = start + msgs.len();
+                        let mine = echoes
+                            .iter()
+                            .filter(|(i, _)| (start..end).contains(i))
+                            .map(|(i, p)| (i - start, p.clone()))
+                            .collect();
+                        let _ = reply.send(Ok(mine));
+                        start = end;
+                    }
+                }
+                Err(_) => {
+                    for (msgs, reply) in group {
+                        let _ = reply.send(self.transaction(&msgs));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One transaction, after the base objects; made again and retried
+    /// once if the kernel says something it needs is gone.
+    fn transaction(&mut self, msgs: &[Msg]) -> Result<nfnl::Echoes, Refused> {
+        if !self.base_made {
+            self.sock()?.batch(&base())?;
+            self.base_made = true;
+        }
+        match self.sock()?.batch(msgs) {
+            Err(r) if r.errno() == Some(libc::ENOENT) => {
+                tracing::warn!(at = %r.what, "hearth's nftables table or maps were gone; making them again");
+                self.base_made = false;
+                self.sock()?.batch(&base())?;
+                self.base_made = true;
+                self.sock()?.batch(msgs)
+            }
+            other => other,
+        }
+    }
+}
+
+/// A refused batch as the firewall's error.
+fn refused(op: &'static str, r: Refused) -> FirewallError {
+    let clash = r.what.starts_with("add element")
+        && matches!(r.errno(), Some(libc::EEXIST) | Some(libc::EBUSY));
+    FirewallError::Refused {
+        op,
+        what: r.what,
+        detail: match (clash, r.detail) {
+            (true, d) => Some(d.map_or_else(
+                || "the key is held by another VM".to_owned(),
+                |d| format!("{d} (the key is held by another VM)"),
+            )),
+            (false, d) => d,
+        },
+        source: r.error,
     }
 }
 
@@ -271,21 +372,18 @@ impl Firewall for Nft {
             return Ok(Vec::new());
         }
         let plan = VmPlan::new(rules);
-        let mut cmds = head();
-        plan.apply_into(&mut cmds);
-        let out = self.transaction("apply", cmds, self.echo_handles).await?;
-        let handles = if self.echo_handles {
-            let handles = echoed_rule_handles(&out, &rules.short_id);
-            if handles.as_ref().map(Vec::len) != Some(plan.rules.len()) {
-                tracing::warn!(
-                    vm = %rules.vm_id,
-                    "nft --echo did not report one handle per rule; describing without handles"
-                );
-            }
-            handles.filter(|h| h.len() == plan.rules.len())
-        } else {
-            None
-        };
+        let msgs = plan.apply_msgs();
+        let echoes = self.batch("apply", msgs).await?;
+        // Echoed rules come back in the order they were sent.
+        let handles: Vec<u64> = echoes
+            .iter()
+            .filter_map(|(_, payload)| nfnl::find_attr(payload, attr::RULE_HANDLE))
+            .filter_map(|h| Some(u64::from_be_bytes(h.try_into().ok()?)))
+            .collect();
+        let handles = (handles.len() == plan.rules.len()).then_some(handles);
+        if handles.is_none() {
+            tracing::warn!(vm = %rules.vm_id, "the kernel did not echo one handle per rule; describing without handles");
+        }
         Ok(plan.describe(handles.as_deref()))
     }
 
@@ -293,10 +391,7 @@ impl Firewall for Nft {
         validate(rules)?;
         let plan = VmPlan::new(rules);
         let s = &rules.short_id;
-        let first = match self
-            .transaction("remove", removal(s, &plan.elems), false)
-            .await
-        {
+        let first = match self.batch("remove", removal(s, &plan.elems)).await {
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
@@ -342,9 +437,7 @@ impl Firewall for Nft {
         if foreign == 0 && extra == 0 {
             return Err(first);
         }
-        self.transaction("remove", removal(s, &elems), false)
-            .await
-            .map(drop)
+        self.batch("remove", removal(s, &elems)).await.map(drop)
     }
 
     async fn remove_orphan(&self, short_id: &str) -> Result<(), FirewallError> {
@@ -361,112 +454,33 @@ impl Firewall for Nft {
             .into_iter()
             .filter(|c| ours(&c.chain))
             .collect();
-        self.transaction("remove orphan", removal(short_id, &elems), false)
+        self.batch("remove orphan", removal(short_id, &elems))
             .await
             .map(drop)
     }
 
     async fn list_vm_chains(&self) -> Result<Vec<String>, FirewallError> {
-        // `list chains` dumps chains only; `list table` would fetch every
-        // rule and element too.
-        let objects = self.list("list", &["chains", FAMILY]).await?;
-        let ids: BTreeSet<String> = objects
+        // Chains only: rules and elements are not read.
+        let chains = self.dump("list", Kind::GetChain, Attrs::new()).await?;
+        let ids: BTreeSet<String> = chains
             .iter()
-            .filter_map(|o| o.get("chain"))
-            .filter(|c| c.get("table").and_then(Value::as_str) == Some(TABLE))
-            .filter_map(|c| c.get("name").and_then(Value::as_str))
-            .filter_map(vm_chain_short_id)
+            .filter(|c| {
+                nfnl::find_attr(c, attr::CHAIN_TABLE)
+                    .map(nfnl::attr_str)
+                    .as_deref()
+                    == Some(TABLE)
+            })
+            .filter_map(|c| nfnl::find_attr(c, attr::CHAIN_NAME).map(nfnl::attr_str))
+            .filter_map(|n| vm_chain_short_id(&n))
             .collect();
         Ok(ids.into_iter().collect())
     }
 }
 
-/// Runs `program args…`, feeding it `stdin`, and returns its standard
-/// output. Every external command of this module goes through here; a
-/// failure carries the command line, exit status, stdout and stderr.
-async fn execute(
-    program: &str,
-    args: &[&str],
-    stdin: Option<&[u8]>,
-    op: &'static str,
-) -> Result<String, FirewallError> {
-    let command = std::iter::once(program)
-        .chain(args.iter().copied())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let spawn_error = |source| FirewallError::Spawn {
-        program: program.to_owned(),
-        source,
-    };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(spawn_error)?;
-    let pipe = child.stdin.take();
-    // Feed stdin while collecting the output, so neither side can block
-    // the other on a full pipe.
-    let feed = async move {
-        if let (Some(mut pipe), Some(input)) = (pipe, stdin) {
-            pipe.write_all(input).await?;
-            pipe.shutdown().await?;
-        }
-        Ok::<(), std::io::Error>(())
-    };
-    let (fed, output) = tokio::join!(feed, child.wait_with_output());
-    let output = output.map_err(spawn_error)?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-    if !output.status.success() {
-        return Err(FirewallError::Nft {
-            op,
-            command,
-            status: output.status.code().unwrap_or(-1),
-            stdout,
-            stderr,
-        });
-    }
-    if let Err(e) = fed {
-        return Err(FirewallError::Output {
-            op,
-            detail: format!("`{command}` succeeded without reading all its input: {e}"),
-        });
-    }
-    Ok(stdout)
-}
-
-/// The objects of an `{"nftables": [...]}` document.
-fn parse_objects(op: &'static str, out: &str) -> Result<Vec<Value>, FirewallError> {
-    let doc: Value = serde_json::from_str(out).map_err(|e| FirewallError::Output {
-        op,
-        detail: format!("not JSON: {e}"),
-    })?;
-    match doc {
-        Value::Object(mut m) => match m.remove("nftables") {
-            Some(Value::Array(objects)) => Ok(objects),
-            _ => Err(FirewallError::Output {
-                op,
-                detail: "no \"nftables\" array".into(),
-            }),
-        },
-        _ => Err(FirewallError::Output {
-            op,
-            detail: "not a JSON object".into(),
-        }),
-    }
-}
-
-/// Checks a plan before any kernel call. Names go to nft as JSON strings,
-/// so nothing can be injected; these checks refuse what nft would accept
-/// but read differently (a `*` in an interface name is a wildcard) and give
-/// a clear error for what it would refuse. Shared with the fake.
+/// Checks a plan before any kernel call: refuses what the kernel would
+/// accept but read differently (a `*` in an interface name is a wildcard to
+/// nft) and gives a clear error for what it would refuse. Shared with the
+/// fake.
 pub(crate) fn validate(rules: &VmRules) -> Result<(), FirewallError> {
     let invalid = |what, reason: String| Err(FirewallError::Invalid { what, reason });
     let s = &rules.short_id;
@@ -504,7 +518,7 @@ pub(crate) fn validate(rules: &VmRules) -> Result<(), FirewallError> {
     }
     for name in std::iter::once(&rules.tap).chain(rules.nat_uplink.as_ref()) {
         let bad = name.is_empty()
-            || name.len() > IFNAME_MAX
+            || name.len() >= IFNAMSIZ
             || name == "."
             || name == ".."
             || name.bytes().any(|b| {
@@ -543,7 +557,7 @@ pub(crate) fn orphan(short_id: &str) -> VmRules {
         short_id: short_id.to_owned(),
         vm_id: format!("orphan-{short_id}"),
         tap: String::new(),
-        guest_ip: std::net::Ipv4Addr::UNSPECIFIED,
+        guest_ip: Ipv4Addr::UNSPECIFIED,
         nat_uplink: None,
         port_forwards: Vec::new(),
     }
@@ -572,20 +586,20 @@ fn vm_chain_short_id(name: &str) -> Option<String> {
     (!id.is_empty()).then(|| id.to_owned())
 }
 
-/// One per-VM rule: its chain, its nft text (for descriptions) and its
-/// JSON expression.
+/// One rule: its chain, its nft text (for descriptions) and expressions.
 #[derive(Debug)]
 struct PlannedRule {
     chain: String,
     text: String,
-    expr: Vec<Value>,
+    exprs: Vec<Expr>,
 }
 
 /// One map element: `map[key] = jump chain`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Elem {
     map: &'static str,
-    key: Value,
+    /// The key as the kernel stores it.
+    key: Vec<u8>,
     key_text: String,
     chain: String,
 }
@@ -613,12 +627,12 @@ impl VmPlan {
         let fwd = vm_chain(&r.short_id, "fwd");
         let post = vm_chain(&r.short_id, "post");
         let dnat = vm_chain(&r.short_id, "dnat");
-        let (tap, ip) = (r.tap.as_str(), r.guest_ip.to_string());
-        let mut rule = |chain: &str, text: String, expr: Vec<Value>| {
+        let (tap, ip) = (r.tap.as_str(), r.guest_ip);
+        let mut rule = |chain: &str, text: String, exprs: Vec<Expr>| {
             plan.rules.push(PlannedRule {
                 chain: chain.to_owned(),
                 text,
-                expr,
+                exprs,
             });
         };
 
@@ -626,63 +640,93 @@ impl VmPlan {
             rule(
                 &post,
                 format!("oifname {up} masquerade"),
-                vec![eq(meta("oifname"), json!(up)), json!({"masquerade": null})],
+                [Expr::ifname(META_OIFNAME, up), vec![Expr::Masq]].concat(),
             );
             rule(
                 &fwd,
                 format!("iifname {tap} oifname {up} accept"),
-                vec![
-                    eq(meta("iifname"), json!(tap)),
-                    eq(meta("oifname"), json!(up)),
-                    accept(),
-                ],
+                [
+                    Expr::ifname(META_IIFNAME, tap),
+                    Expr::ifname(META_OIFNAME, up),
+                    vec![Expr::Accept],
+                ]
+                .concat(),
             );
             rule(
                 &fwd,
                 format!("iifname {up} oifname {tap} ct state established,related accept"),
-                vec![
-                    eq(meta("iifname"), json!(up)),
-                    eq(meta("oifname"), json!(tap)),
-                    ct_in("state", json!(["established", "related"])),
-                    accept(),
-                ],
+                [
+                    Expr::ifname(META_IIFNAME, up),
+                    Expr::ifname(META_OIFNAME, tap),
+                    Expr::ct_any(CT_STATE, CT_ESTABLISHED | CT_RELATED),
+                    vec![Expr::Accept],
+                ]
+                .concat(),
             );
         }
         for pf in &r.port_forwards {
-            let (p, h, g) = (pf.proto.as_str(), pf.host_port, pf.guest_port);
+            let (p, h, g) = (pf.proto, pf.host_port, pf.guest_port);
+            let ps = p.as_str();
             rule(
                 &dnat,
-                format!("meta l4proto {p} th dport {h} dnat to {ip}:{g}"),
-                vec![
-                    eq(meta("l4proto"), json!(p)),
-                    eq(payload("th", "dport"), json!(h)),
-                    json!({"dnat": {"addr": ip, "port": g}}),
-                ],
+                format!("meta l4proto {ps} th dport {h} dnat to {ip}:{g}"),
+                [
+                    Expr::l4proto(p),
+                    Expr::dport(h),
+                    vec![
+                        Expr::Imm {
+                            dreg: REG_1,
+                            data: ip.octets().to_vec(),
+                        },
+                        Expr::Imm {
+                            dreg: REG_2,
+                            data: g.to_be_bytes().to_vec(),
+                        },
+                        Expr::Dnat {
+                            addr_reg: REG_1,
+                            port_reg: REG_2,
+                        },
+                    ],
+                ]
+                .concat(),
             );
             rule(
                 &fwd,
                 format!(
-                    "oifname {tap} ip daddr {ip} meta l4proto {p} th dport {g} ct status dnat accept"
+                    "oifname {tap} ip daddr {ip} meta l4proto {ps} th dport {g} ct status dnat accept"
                 ),
-                vec![
-                    eq(meta("oifname"), json!(tap)),
-                    eq(payload("ip", "daddr"), json!(ip)),
-                    eq(meta("l4proto"), json!(p)),
-                    eq(payload("th", "dport"), json!(g)),
-                    ct_in("status", json!("dnat")),
-                    accept(),
-                ],
+                [
+                    Expr::ifname(META_OIFNAME, tap),
+                    vec![
+                        Expr::Payload {
+                            base: BASE_NETWORK,
+                            offset: 16,
+                            len: 4,
+                            dreg: REG_1,
+                        },
+                        Expr::Cmp {
+                            op: CMP_EQ,
+                            data: ip.octets().to_vec(),
+                        },
+                    ],
+                    Expr::l4proto(p),
+                    Expr::dport(g),
+                    Expr::ct_any(CT_STATUS, IPS_DST_NAT),
+                    vec![Expr::Accept],
+                ]
+                .concat(),
             );
         }
         if !r.port_forwards.is_empty() {
             rule(
                 &fwd,
                 format!("iifname {tap} ct status dnat accept"),
-                vec![
-                    eq(meta("iifname"), json!(tap)),
-                    ct_in("status", json!("dnat")),
-                    accept(),
-                ],
+                [
+                    Expr::ifname(META_IIFNAME, tap),
+                    Expr::ct_any(CT_STATUS, IPS_DST_NAT),
+                    vec![Expr::Accept],
+                ]
+                .concat(),
             );
         }
 
@@ -690,7 +734,7 @@ impl VmPlan {
         for map in [FWD_IIF, FWD_OIF] {
             plan.elems.push(Elem {
                 map,
-                key: json!(tap),
+                key: ifname_bytes(tap),
                 key_text: tap.to_owned(),
                 chain: fwd.clone(),
             });
@@ -699,8 +743,8 @@ impl VmPlan {
             plan.chains.push(post.clone());
             plan.elems.push(Elem {
                 map: NAT_SADDR,
-                key: json!(ip),
-                key_text: ip.clone(),
+                key: ip.octets().to_vec(),
+                key_text: ip.to_string(),
                 chain: post,
             });
         }
@@ -708,30 +752,32 @@ impl VmPlan {
             plan.chains.push(dnat.clone());
         }
         for pf in &r.port_forwards {
-            let p = pf.proto.as_str();
+            let key = port_key(pf.proto, pf.host_port);
             plan.elems.push(Elem {
                 map: DNAT_PORTS,
-                key: json!({"concat": [p, pf.host_port]}),
-                key_text: format!("{p} . {}", pf.host_port),
+                key_text: key_text(DNAT_PORTS, &key),
+                key,
                 chain: dnat.clone(),
             });
         }
         plan
     }
 
-    /// Chains (added and flushed, so a re-apply replaces), rules, elements.
-    fn apply_into(&self, cmds: &mut Vec<Value>) {
+    /// Chains (added and flushed, so a re-apply replaces), rules (echoed,
+    /// for their handles), elements.
+    fn apply_msgs(&self) -> Vec<Msg> {
+        let mut msgs = Vec::new();
         for chain in &self.chains {
-            cmds.push(json!({"add": {"chain": chain_ref(chain)}}));
-            cmds.push(json!({"flush": {"chain": chain_ref(chain)}}));
+            msgs.push(add_chain(chain));
+            msgs.push(flush_chain(chain));
         }
         for r in &self.rules {
-            cmds.push(add_rule(&r.chain, &r.expr, Some(&self.comment)));
+            msgs.push(add_rule(&r.chain, &r.exprs, Some(&self.comment)).echo());
         }
         for e in &self.elems {
-            let elem = e.with_verdict(Some(&self.comment));
-            cmds.push(json!({"add": {"element": element(e.map, vec![elem])}}));
+            msgs.push(e.add(Some(&self.comment)));
         }
+        msgs
     }
 
     /// `chain …`, `rule [handle N] in …: …`, `element map[key]: jump …`.
@@ -754,175 +800,527 @@ impl VmPlan {
 }
 
 impl Elem {
-    /// `[key, {"jump": {"target": chain}}]`, the key wrapped as
-    /// `{"elem": {"val": key, "comment": …}}` when it has a comment.
-    fn with_verdict(&self, comment: Option<&str>) -> Value {
-        let key = match comment {
-            Some(c) => json!({"elem": {"val": self.key, "comment": c}}),
-            None => self.key.clone(),
-        };
-        json!([key, {"jump": {"target": self.chain}}])
+    /// `add element map { key [comment …] : jump chain }`.
+    fn add(&self, comment: Option<&str>) -> Msg {
+        let chain = self.chain.clone();
+        let comment = comment.map(udata_comment);
+        let attrs = self.elem_attrs(|a| {
+            a.nest(attr::SET_ELEM_DATA, |d| {
+                d.nest(attr::DATA_VERDICT, |v| {
+                    v.be32(attr::VERDICT_CODE, NFT_JUMP as u32)
+                        .str(attr::VERDICT_CHAIN, &chain);
+                });
+            });
+            if let Some(c) = &comment {
+                a.bytes(attr::SET_ELEM_USERDATA, c);
+            }
+        });
+        Msg::add(
+            Kind::NewSetElem,
+            format!("add element {}[{}]", self.map, self.key_text),
+            attrs,
+        )
+    }
+
+    /// `delete element map { key }`.
+    fn delete(&self) -> Msg {
+        Msg::del(
+            Kind::DelSetElem,
+            format!("delete element {}[{}]", self.map, self.key_text),
+            self.elem_attrs(|_| {}),
+        )
+    }
+
+    fn elem_attrs(&self, more: impl FnOnce(&mut Attrs)) -> Attrs {
+        let mut a = Attrs::new();
+        a.str(attr::SET_ELEM_LIST_TABLE, TABLE)
+            .str(attr::SET_ELEM_LIST_SET, self.map)
+            .nest(attr::SET_ELEM_LIST_ELEMENTS, |l| {
+                l.nest(attr::LIST_ELEM, |e| {
+                    e.nest(attr::SET_ELEM_KEY, |k| {
+                        k.bytes(attr::DATA_VALUE, &self.key);
+                    });
+                    more(e);
+                });
+            });
+        a
     }
 }
 
-/// The removal transaction for VM `short_id`: head, then add-then-delete
-/// of `elems` and of all its chains (module doc).
-fn removal(short_id: &str, elems: &[Elem]) -> Vec<Value> {
-    let mut cmds = head();
+/// The removal transaction for VM `short_id`: add-then-delete of `elems`
+/// and of all its chains (module doc).
+fn removal(short_id: &str, elems: &[Elem]) -> Vec<Msg> {
     let chains: Vec<String> = VM_CHAIN_KINDS
         .iter()
         .map(|k| vm_chain(short_id, k))
         .collect();
+    let mut msgs: Vec<Msg> = chains.iter().map(|c| add_chain(c)).collect();
+    msgs.extend(elems.iter().map(|e| e.add(None)));
+    msgs.extend(elems.iter().map(Elem::delete));
     for chain in &chains {
-        cmds.push(json!({"add": {"chain": chain_ref(chain)}}));
+        msgs.push(flush_chain(chain));
+        msgs.push(Msg::del(
+            Kind::DelChain,
+            format!("delete chain {chain}"),
+            chain_attrs(chain),
+        ));
     }
-    for e in elems {
-        let elem = e.with_verdict(None);
-        cmds.push(json!({"add": {"element": element(e.map, vec![elem])}}));
-    }
-    for e in elems {
-        cmds.push(json!({"delete": {"element": element(e.map, vec![e.key.clone()])}}));
-    }
-    for chain in &chains {
-        cmds.push(json!({"flush": {"chain": chain_ref(chain)}}));
-        cmds.push(json!({"delete": {"chain": chain_ref(chain)}}));
-    }
-    cmds
+    msgs
 }
 
-/// The head of every transaction: table, base chains and maps (`add` is a
-/// no-op when they exist), then each base chain flushed and its dispatch
-/// rules added again (module doc, "Base objects without a cache").
-fn head() -> Vec<Value> {
-    // nft 1.0.6's JSON parser ignores named priorities ("dstnat") and then
-    // makes a regular chain: numbers only.
-    const DSTNAT: i32 = -100;
-    const SRCNAT: i32 = 100;
-    const FILTER: i32 = 0;
-    const NAT_OUTPUT: i32 = -100;
-
-    let mut cmds = vec![json!({"add": {"table": {"family": FAMILY, "name": TABLE}}})];
-    for (name, kind, prio) in [
-        (PREROUTING, "nat", DSTNAT),
-        (OUTPUT, "nat", NAT_OUTPUT),
-        (POSTROUTING, "nat", SRCNAT),
-        (FORWARD, "filter", FILTER),
+/// The base transaction: table, base chains and maps (`add` is a no-op
+/// when they exist), then each base chain flushed and its dispatch rules
+/// added again (module doc, "Base objects").
+fn base() -> Vec<Msg> {
+    let mut msgs = Vec::new();
+    let mut t = Attrs::new();
+    t.str(attr::TABLE_NAME, TABLE).be32(attr::TABLE_FLAGS, 0);
+    msgs.push(Msg::add(Kind::NewTable, format!("add table ip {TABLE}"), t));
+    for (name, kind, hook, prio) in [
+        (PREROUTING, "nat", HOOK_PRE_ROUTING, -100),
+        (OUTPUT, "nat", HOOK_LOCAL_OUT, -100),
+        (POSTROUTING, "nat", HOOK_POST_ROUTING, 100),
+        (FORWARD, "filter", HOOK_FORWARD, 0),
     ] {
-        cmds.push(json!({"add": {"chain": {
-            "family": FAMILY, "table": TABLE, "name": name,
-            "type": kind, "hook": name, "prio": prio, "policy": "accept",
-        }}}));
+        let mut a = chain_attrs(name);
+        a.str(attr::CHAIN_TYPE, kind)
+            .be32(attr::CHAIN_POLICY, NF_ACCEPT)
+            .nest(attr::CHAIN_HOOK, |h| {
+                h.be32(attr::HOOK_HOOKNUM, hook)
+                    .be32(attr::HOOK_PRIORITY, prio as u32);
+            });
+        msgs.push(Msg::add(Kind::NewChain, format!("add chain {name}"), a));
     }
-    for (name, key) in [
-        (FWD_IIF, json!("ifname")),
-        (FWD_OIF, json!("ifname")),
-        (NAT_SADDR, json!("ipv4_addr")),
-        (DNAT_PORTS, json!(["inet_proto", "inet_service"])),
-    ] {
-        cmds.push(json!({"add": {"map": {
-            "family": FAMILY, "table": TABLE, "name": name, "type": key, "map": "verdict",
-        }}}));
+    // Key types and nft's userdata (key byte order, and for the
+    // concatenation its fields) exactly as nft 1.0.6 writes them for
+    // `type ifname : verdict` etc., so `nft list` prints these maps as its
+    // own.
+    const UD_HOST: &[u8] = &[0, 4, 1, 0, 0, 0, 1, 4, 0, 0, 0, 0, 6, 4, 0, 0, 0, 0];
+    const UD_BIG: &[u8] = &[0, 4, 2, 0, 0, 0, 1, 4, 0, 0, 0, 0, 6, 4, 0, 0, 0, 0];
+    const UD_CONCAT: &[u8] = &[
+        0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0, 6, 4, 0, 0, 0, 0,
+    ];
+    for (id, (name, key_type, key_len, udata)) in [
+        (FWD_IIF, TYPE_IFNAME, IFNAMSIZ as u32, UD_HOST),
+        (FWD_OIF, TYPE_IFNAME, IFNAMSIZ as u32, UD_HOST),
+        (NAT_SADDR, TYPE_IPADDR, 4, UD_BIG),
+        (
+            DNAT_PORTS,
+            (TYPE_INET_PROTOCOL << 6) | TYPE_INET_SERVICE,
+            8,
+            UD_CONCAT,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut a = Attrs::new();
+        a.str(attr::SET_TABLE, TABLE)
+            .str(attr::SET_NAME, name)
+            .be32(attr::SET_FLAGS, SET_MAP)
+            .be32(attr::SET_KEY_TYPE, key_type)
+            .be32(attr::SET_KEY_LEN, key_len)
+            .be32(attr::SET_DATA_TYPE, DATA_VERDICT)
+            .be32(attr::SET_DATA_LEN, 0)
+            .be32(attr::SET_ID, id as u32 + 1)
+            .bytes(attr::SET_USERDATA, udata);
+        msgs.push(Msg::add(Kind::NewSet, format!("add map {name}"), a));
     }
     let dnat_dispatch = || {
         vec![
-            eq(
-                json!({"fib": {"result": "type", "flags": ["daddr"]}}),
-                json!("local"),
-            ),
-            vmap(
-                json!({"concat": [meta("l4proto"), payload("th", "dport")]}),
-                DNAT_PORTS,
-            ),
+            Expr::Fib {
+                result: FIB_RESULT_ADDRTYPE,
+                flags: FIB_F_DADDR,
+            },
+            Expr::Cmp {
+                op: CMP_EQ,
+                data: RTN_LOCAL.to_ne_bytes().to_vec(),
+            },
+            Expr::Meta {
+                key: META_L4PROTO,
+                dreg: REG_1,
+            },
+            Expr::Payload {
+                base: BASE_TRANSPORT,
+                offset: 2,
+                len: 2,
+                dreg: REG32_01,
+            },
+            Expr::Vmap { map: DNAT_PORTS },
         ]
     };
-    let base_rules: [(&str, Vec<Vec<Value>>); 4] = [
+    let base_rules: [(&str, Vec<Vec<Expr>>); 4] = [
         (
             FORWARD,
             vec![
-                vec![vmap(meta("iifname"), FWD_IIF)],
-                vec![vmap(meta("oifname"), FWD_OIF)],
+                vec![
+                    Expr::Meta {
+                        key: META_IIFNAME,
+                        dreg: REG_1,
+                    },
+                    Expr::Vmap { map: FWD_IIF },
+                ],
+                vec![
+                    Expr::Meta {
+                        key: META_OIFNAME,
+                        dreg: REG_1,
+                    },
+                    Expr::Vmap { map: FWD_OIF },
+                ],
             ],
         ),
         (
             POSTROUTING,
             vec![
+                [
+                    // ip saddr 127.0.0.0/8: the first byte is 127.
+                    vec![
+                        Expr::Payload {
+                            base: BASE_NETWORK,
+                            offset: 12,
+                            len: 1,
+                            dreg: REG_1,
+                        },
+                        Expr::Cmp {
+                            op: CMP_EQ,
+                            data: vec![127],
+                        },
+                    ],
+                    Expr::ct_any(CT_STATUS, IPS_DST_NAT),
+                    vec![Expr::Masq],
+                ]
+                .concat(),
                 vec![
-                    eq(
-                        payload("ip", "saddr"),
-                        json!({"prefix": {"addr": "127.0.0.0", "len": 8}}),
-                    ),
-                    ct_in("status", json!("dnat")),
-                    json!({"masquerade": null}),
+                    Expr::Payload {
+                        base: BASE_NETWORK,
+                        offset: 12,
+                        len: 4,
+                        dreg: REG_1,
+                    },
+                    Expr::Vmap { map: NAT_SADDR },
                 ],
-                vec![vmap(payload("ip", "saddr"), NAT_SADDR)],
             ],
         ),
         (PREROUTING, vec![dnat_dispatch()]),
         (OUTPUT, vec![dnat_dispatch()]),
     ];
     for (chain, rules) in base_rules {
-        cmds.push(json!({"flush": {"chain": chain_ref(chain)}}));
-        for expr in rules {
-            cmds.push(add_rule(chain, &expr, None));
+        msgs.push(flush_chain(chain));
+        for exprs in rules {
+            msgs.push(add_rule(chain, &exprs, None));
         }
     }
-    cmds
+    msgs
 }
 
-/// Handles of the rules nft echoed into VM `short_id`'s chains, in order.
-fn echoed_rule_handles(out: &str, short_id: &str) -> Option<Vec<u64>> {
-    let prefix = format!("vm-{short_id}-");
-    let objects = parse_objects("apply", out).ok()?;
-    objects
-        .iter()
-        .filter_map(|o| o.get("add")?.get("rule"))
-        .filter(|r| {
-            r.get("chain")
-                .and_then(Value::as_str)
-                .is_some_and(|c| c.starts_with(&prefix))
-        })
-        .map(|r| r.get("handle").and_then(Value::as_u64))
-        .collect()
+fn chain_attrs(name: &str) -> Attrs {
+    let mut a = Attrs::new();
+    a.str(attr::CHAIN_TABLE, TABLE).str(attr::CHAIN_NAME, name);
+    a
 }
 
-fn chain_ref(name: &str) -> Value {
-    json!({"family": FAMILY, "table": TABLE, "name": name})
+fn add_chain(name: &str) -> Msg {
+    Msg::add(
+        Kind::NewChain,
+        format!("add chain {name}"),
+        chain_attrs(name),
+    )
 }
 
-fn add_rule(chain: &str, expr: &[Value], comment: Option<&str>) -> Value {
-    let mut rule = json!({"family": FAMILY, "table": TABLE, "chain": chain, "expr": expr});
-    if let (Some(c), Some(obj)) = (comment, rule.as_object_mut()) {
-        obj.insert("comment".into(), json!(c));
+/// `flush chain`: a rule delete naming the chain and no rule.
+fn flush_chain(name: &str) -> Msg {
+    let mut a = Attrs::new();
+    a.str(attr::RULE_TABLE, TABLE).str(attr::RULE_CHAIN, name);
+    Msg::del(Kind::DelRule, format!("flush chain {name}"), a)
+}
+
+fn add_rule(chain: &str, exprs: &[Expr], comment: Option<&str>) -> Msg {
+    let mut a = Attrs::new();
+    a.str(attr::RULE_TABLE, TABLE)
+        .str(attr::RULE_CHAIN, chain)
+        .nest(attr::RULE_EXPRESSIONS, |l| {
+            for e in exprs {
+                e.encode(l);
+            }
+        });
+    if let Some(c) = comment {
+        a.bytes(attr::RULE_USERDATA, &udata_comment(c));
     }
-    json!({"add": {"rule": rule}})
+    Msg::add(Kind::NewRule, format!("add rule in {chain}"), a)
 }
 
-fn element(map: &str, elem: Vec<Value>) -> Value {
-    json!({"family": FAMILY, "table": TABLE, "name": map, "elem": elem})
+/// nft's comment userdata: one TLV, type 0 (`NFTNL_UDATA_*_COMMENT`), the
+/// text with its NUL.
+fn udata_comment(comment: &str) -> Vec<u8> {
+    let mut v = vec![0, (comment.len() + 1) as u8];
+    v.extend_from_slice(comment.as_bytes());
+    v.push(0);
+    v
 }
 
-fn eq(left: Value, right: Value) -> Value {
-    json!({"match": {"op": "==", "left": left, "right": right}})
+/// An interface name as the kernel compares it: NUL-padded to IFNAMSIZ.
+fn ifname_bytes(name: &str) -> Vec<u8> {
+    let mut v = name.as_bytes().to_vec();
+    v.resize(IFNAMSIZ, 0);
+    v
 }
 
-fn ct_in(key: &str, right: Value) -> Value {
-    json!({"match": {"op": "in", "left": {"ct": {"key": key}}, "right": right}})
+fn proto_number(p: Proto) -> u8 {
+    match p {
+        Proto::Tcp => 6,
+        Proto::Udp => 17,
+    }
 }
 
-fn meta(key: &str) -> Value {
-    json!({"meta": {"key": key}})
+/// `proto . port` as a concatenated key: each field in its own 4-byte
+/// register, the port big-endian.
+fn port_key(p: Proto, port: u16) -> Vec<u8> {
+    let [hi, lo] = port.to_be_bytes();
+    vec![proto_number(p), 0, 0, 0, hi, lo, 0, 0]
 }
 
-fn payload(protocol: &str, field: &str) -> Value {
-    json!({"payload": {"protocol": protocol, "field": field}})
+/// A map key as nft would print it.
+fn key_text(map: &str, key: &[u8]) -> String {
+    match (map, key) {
+        (FWD_IIF | FWD_OIF, _) => nfnl::attr_str(key),
+        (NAT_SADDR, &[a, b, c, d]) => Ipv4Addr::new(a, b, c, d).to_string(),
+        (DNAT_PORTS, &[p, _, _, _, hi, lo, _, _]) => {
+            let proto = match p {
+                6 => "tcp".to_owned(),
+                17 => "udp".to_owned(),
+                n => n.to_string(),
+            };
+            format!("{proto} . {}", u16::from_be_bytes([hi, lo]))
+        }
+        _ => format!("{key:02x?}"),
+    }
 }
 
-fn accept() -> Value {
-    json!({"accept": null})
+// Kernel constants (linux/netfilter.h, linux/netfilter/nf_tables.h, nft's
+// datatype numbers).
+const NF_ACCEPT: u32 = 1;
+const NFT_JUMP: i32 = -3;
+const HOOK_PRE_ROUTING: u32 = 0;
+const HOOK_FORWARD: u32 = 2;
+const HOOK_LOCAL_OUT: u32 = 3;
+const HOOK_POST_ROUTING: u32 = 4;
+const SET_MAP: u32 = 0x8;
+const DATA_VERDICT: u32 = 0xffff_ff00;
+const TYPE_IPADDR: u32 = 7;
+const TYPE_INET_PROTOCOL: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+const TYPE_IFNAME: u32 = 41;
+const REG_VERDICT: u32 = 0;
+const REG_1: u32 = 1;
+const REG_2: u32 = 2;
+/// The second 32-bit register: a concatenation's second field.
+const REG32_01: u32 = 9;
+const META_IIFNAME: u32 = 6;
+const META_OIFNAME: u32 = 7;
+const META_L4PROTO: u32 = 16;
+const BASE_NETWORK: u32 = 1;
+const BASE_TRANSPORT: u32 = 2;
+const CMP_EQ: u32 = 0;
+const CMP_NEQ: u32 = 1;
+const CT_STATE: u32 = 0;
+const CT_STATUS: u32 = 2;
+const CT_ESTABLISHED: u32 = 1 << 1;
+const CT_RELATED: u32 = 1 << 2;
+const IPS_DST_NAT: u32 = 1 << 5;
+const FIB_RESULT_ADDRTYPE: u32 = 3;
+const FIB_F_DADDR: u32 = 2;
+const RTN_LOCAL: u32 = 2;
+const NAT_DNAT: u32 = 1;
+const NFPROTO_IPV4: u32 = 2;
+
+/// The nf_tables expressions hearth's rules use, registers fixed where
+/// the rules need nothing else (compare and bitwise work on register 1).
+#[derive(Debug, Clone)]
+enum Expr {
+    Meta {
+        key: u32,
+        dreg: u32,
+    },
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    Cmp {
+        op: u32,
+        data: Vec<u8>,
+    },
+    /// reg 1 = reg 1 & mask (xor 0).
+    And {
+        mask: Vec<u8>,
+    },
+    Ct {
+        key: u32,
+    },
+    Fib {
+        result: u32,
+        flags: u32,
+    },
+    /// Lookup of register 1 in a verdict map.
+    Vmap {
+        map: &'static str,
+    },
+    Imm {
+        dreg: u32,
+        data: Vec<u8>,
+    },
+    Accept,
+    Dnat {
+        addr_reg: u32,
+        port_reg: u32,
+    },
+    Masq,
 }
 
-fn vmap(key: Value, map: &str) -> Value {
-    json!({"vmap": {"key": key, "data": format!("@{map}")}})
+impl Expr {
+    /// `iifname`/`oifname` equals `name`.
+    fn ifname(key: u32, name: &str) -> Vec<Expr> {
+        vec![
+            Expr::Meta { key, dreg: REG_1 },
+            Expr::Cmp {
+                op: CMP_EQ,
+                data: ifname_bytes(name),
+            },
+        ]
+    }
+
+    /// `meta l4proto p`.
+    fn l4proto(p: Proto) -> Vec<Expr> {
+        vec![
+            Expr::Meta {
+                key: META_L4PROTO,
+                dreg: REG_1,
+            },
+            Expr::Cmp {
+                op: CMP_EQ,
+                data: vec![proto_number(p)],
+            },
+        ]
+    }
+
+    /// `th dport port`.
+    fn dport(port: u16) -> Vec<Expr> {
+        vec![
+            Expr::Payload {
+                base: BASE_TRANSPORT,
+                offset: 2,
+                len: 2,
+                dreg: REG_1,
+            },
+            Expr::Cmp {
+                op: CMP_EQ,
+                data: port.to_be_bytes().to_vec(),
+            },
+        ]
+    }
+
+    /// `ct <key> <bits>`: any of the bits set.
+    fn ct_any(key: u32, bits: u32) -> Vec<Expr> {
+        vec![
+            Expr::Ct { key },
+            Expr::And {
+                mask: bits.to_ne_bytes().to_vec(),
+            },
+            Expr::Cmp {
+                op: CMP_NEQ,
+                data: vec![0; 4],
+            },
+        ]
+    }
+
+    /// Appends this expression as one element of a rule's expression list.
+    fn encode(&self, list: &mut Attrs) {
+        list.nest(attr::LIST_ELEM, |e| {
+            e.str(attr::EXPR_NAME, self.name())
+                .nest(attr::EXPR_DATA, |a| self.data(a));
+        });
+    }
+
+    /// The kernel's name of the expression.
+    fn name(&self) -> &'static str {
+        match self {
+            Expr::Meta { .. } => "meta",
+            Expr::Payload { .. } => "payload",
+            Expr::Cmp { .. } => "cmp",
+            Expr::And { .. } => "bitwise",
+            Expr::Ct { .. } => "ct",
+            Expr::Fib { .. } => "fib",
+            Expr::Vmap { .. } => "lookup",
+            Expr::Imm { .. } | Expr::Accept => "immediate",
+            Expr::Dnat { .. } => "nat",
+            Expr::Masq => "masq",
+        }
+    }
+
+    /// Its attributes (`NFTA_<NAME>_*`, numbered as in nf_tables.h).
+    fn data(&self, a: &mut Attrs) {
+        match self {
+            Expr::Meta { key, dreg } => {
+                a.be32(2, *key).be32(1, *dreg);
+            }
+            Expr::Payload {
+                base,
+                offset,
+                len,
+                dreg,
+            } => {
+                a.be32(1, *dreg)
+                    .be32(2, *base)
+                    .be32(3, *offset)
+                    .be32(4, *len);
+            }
+            Expr::Cmp { op, data } => {
+                a.be32(1, REG_1).be32(2, *op).nest(3, |d| {
+                    d.bytes(attr::DATA_VALUE, data);
+                });
+            }
+            Expr::And { mask } => {
+                a.be32(1, REG_1)
+                    .be32(2, REG_1)
+                    .be32(3, mask.len() as u32)
+                    .nest(4, |d| {
+                        d.bytes(attr::DATA_VALUE, mask);
+                    })
+                    .nest(5, |d| {
+                        d.bytes(attr::DATA_VALUE, &vec![0; mask.len()]);
+                    });
+            }
+            Expr::Ct { key } => {
+                a.be32(2, *key).be32(1, REG_1);
+            }
+            Expr::Fib { result, flags } => {
+                a.be32(1, REG_1).be32(2, *result).be32(3, *flags);
+            }
+            Expr::Vmap { map } => {
+                a.str(1, map).be32(2, REG_1).be32(3, REG_VERDICT);
+            }
+            Expr::Imm { dreg, data } => {
+                a.be32(1, *dreg).nest(2, |d| {
+                    d.bytes(attr::DATA_VALUE, data);
+                });
+            }
+            Expr::Accept => {
+                a.be32(1, REG_VERDICT).nest(2, |d| {
+                    d.nest(attr::DATA_VERDICT, |v| {
+                        v.be32(attr::VERDICT_CODE, NF_ACCEPT);
+                    });
+                });
+            }
+            Expr::Dnat { addr_reg, port_reg } => {
+                a.be32(1, NAT_DNAT)
+                    .be32(2, NFPROTO_IPV4)
+                    .be32(3, *addr_reg)
+                    .be32(5, *port_reg);
+            }
+            Expr::Masq => {}
+        }
+    }
 }
 
 #[cfg(test)]
@@ -933,8 +1331,10 @@ mod tests {
     use std::net::Ipv4Addr;
     use std::process::Command as StdCommand;
 
+    use serde_json::Value;
+
     use super::*;
-    use crate::host::firewall::{PortForward, Proto};
+    use crate::host::firewall::PortForward;
     use crate::host::testns::in_netns;
 
     /// Runs `f` on a current-thread runtime inside a fresh network
@@ -1002,7 +1402,8 @@ mod tests {
             return None;
         }
         let mut t = Table::default();
-        for o in parse_objects("test", &String::from_utf8(out.stdout).unwrap()).unwrap() {
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for o in doc["nftables"].as_array().unwrap() {
             if let Some(c) = o.get("chain") {
                 let base = c.get("hook").map(|h| {
                     (
@@ -1076,28 +1477,19 @@ mod tests {
     }
 
     #[test]
-    fn nft_children_run_in_the_threads_namespace() {
-        in_ns("fw-ns", || async {
-            let own = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
-            // The process's main thread stayed in the host's namespace.
-            let host = std::fs::read_link("/proc/self/ns/net").unwrap();
-            assert_ne!(
-                own, host,
-                "the test thread is still in the host's namespace"
-            );
-            let child = execute("readlink", &["/proc/self/ns/net"], None, "test")
-                .await
-                .unwrap();
-            assert_eq!(child.trim(), own.to_str().unwrap());
-        });
-    }
-
-    #[test]
     fn apply_installs_exactly_the_vms_chains_rules_and_elements() {
         in_ns("fw-apply", || async {
             let fw = Nft::new();
             let a = vm("ab12", "hth1", 2, true, &[(8080, Proto::Tcp, 80)]);
             let installed = fw.apply(&a).await.unwrap();
+            // Handles are the kernel's (apply_reports_rule_handles).
+            let installed: Vec<String> = installed
+                .iter()
+                .map(|d| match d.strip_prefix("rule handle ") {
+                    Some(rest) => format!("rule {}", rest.split_once(' ').unwrap().1),
+                    None => d.clone(),
+                })
+                .collect();
             assert_eq!(
                 installed,
                 [
@@ -1262,6 +1654,43 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_in_a_combined_batch_fails_only_its_own_vm() {
+        in_ns("fw-group", || async {
+            let fw = Nft::new();
+            fw.apply(&vm("own", "hth0", 2, false, &[(8080, Proto::Tcp, 80)]))
+                .await
+                .unwrap();
+            // Queued together, so sent as one batch first; one of them
+            // clashes on 8080/tcp.
+            let vms: Vec<VmRules> = (1..9u8)
+                .map(|i| {
+                    let port = if i == 4 { 8080 } else { 9000 + u16::from(i) };
+                    vm(
+                        &format!("g{i}"),
+                        &format!("hth{i}"),
+                        2 + 4 * i,
+                        true,
+                        &[(port, Proto::Tcp, 80)],
+                    )
+                })
+                .collect();
+            let applied = futures_util::future::join_all(vms.iter().map(|v| fw.apply(v))).await;
+            for (v, r) in vms.iter().zip(&applied) {
+                assert_eq!(r.is_err(), v.short_id == "g4", "{}: {r:?}", v.short_id);
+            }
+            let mut want: Vec<String> = (1..9)
+                .filter(|&i| i != 4)
+                .map(|i| format!("g{i}"))
+                .collect();
+            want.push("own".into());
+            assert_eq!(fw.list_vm_chains().await.unwrap(), want);
+            let t = table().unwrap();
+            t.assert_base();
+            assert!(t.elems_of("g4").is_empty());
+        });
+    }
+
+    #[test]
     fn a_refused_apply_leaves_nothing_of_the_vm() {
         in_ns("fw-atomic", || async {
             let fw = Nft::new();
@@ -1280,18 +1709,18 @@ mod tests {
             );
             let err = fw.apply(&b).await.unwrap_err();
             match &err {
-                FirewallError::Nft {
-                    op,
-                    command,
-                    status,
-                    stderr,
-                    ..
+                FirewallError::Refused {
+                    op, what, source, ..
                 } => {
                     assert_eq!(
-                        (*op, command.as_str(), *status),
-                        ("apply", "nft -j -f -", 1)
+                        (*op, what.as_str()),
+                        ("apply", "add element dnat_ports[tcp . 8080]")
                     );
-                    assert!(stderr.contains("File exists"), "{stderr}");
+                    assert!(
+                        matches!(source.raw_os_error(), Some(libc::EEXIST | libc::EBUSY)),
+                        "{source}"
+                    );
+                    assert!(err.to_string().contains("held by another VM"), "{err}");
                 }
                 other => panic!("{other:?}"),
             }
@@ -1301,26 +1730,12 @@ mod tests {
             assert_eq!(after.rules.len(), before.rules.len());
             assert_eq!(fw.list_vm_chains().await.unwrap(), ["aaa"]);
 
-            // A name nft refuses fails the same way; one hearth refuses
-            // fails before nft runs.
+            // A name hearth refuses fails before any kernel call.
             let mut c = vm("ccc", "hth3", 10, true, &[]);
             c.nat_uplink = Some("a\"b".into());
             let err = fw.apply(&c).await.unwrap_err();
             assert!(matches!(err, FirewallError::Invalid { .. }), "{err:?}");
             assert_eq!(fw.list_vm_chains().await.unwrap(), ["aaa"]);
-
-            // nft missing: a spawn error, nothing changes.
-            let missing = Nft::with_program("/nonexistent/nft");
-            let err = missing.apply(&b).await.unwrap_err();
-            assert!(matches!(err, FirewallError::Spawn { .. }), "{err:?}");
-            // nft failing: command, status and output are reported.
-            let failing = Nft::with_program("false");
-            match failing.remove(&b).await.unwrap_err() {
-                FirewallError::Nft {
-                    command, status, ..
-                } => assert_eq!((command.as_str(), status), ("false -j -f -", 1)),
-                other => panic!("{other:?}"),
-            }
         });
     }
 
@@ -1377,9 +1792,9 @@ mod tests {
     }
 
     #[test]
-    fn with_handles_reports_rule_handles() {
+    fn apply_reports_rule_handles() {
         in_ns("fw-echo", || async {
-            let fw = Nft::new().with_handles(true);
+            let fw = Nft::new();
             let a = vm("aaa", "hth1", 2, true, &[(8080, Proto::Tcp, 80)]);
             let installed = fw.apply(&a).await.unwrap();
             let rules: Vec<&String> = installed.iter().filter(|d| d.starts_with("rule")).collect();
@@ -1406,18 +1821,139 @@ mod tests {
         assert_eq!(vm_chain_short_id("vm-"), None);
     }
 
+    /// `nft list table ip hearth` without handles, in the current namespace.
+    fn listing() -> String {
+        nft(&["list", "table", "ip", "hearth"])
+    }
+
     #[test]
-    fn removal_document_adds_before_it_deletes() {
-        let plan = VmPlan::new(&vm("aaa", "hth1", 2, true, &[(8080, Proto::Tcp, 80)]));
-        let cmds = removal("aaa", &plan.elems);
-        let ops: Vec<String> = cmds
-            .iter()
-            .skip(head().len())
-            .map(|c| {
-                let (op, body) = c.as_object().unwrap().iter().next().unwrap();
-                let (kind, _) = body.as_object().unwrap().iter().next().unwrap();
-                format!("{op} {kind}")
+    fn the_ruleset_reads_back_as_nft_itself_would_write_it() {
+        // What hearth sends over netlink, listed by nft...
+        let ours = in_ns("fw-same-a", || async {
+            let fw = Nft::new();
+            fw.apply(&vm("ab12", "hth1", 2, true, &[(8080, Proto::Tcp, 80)]))
+                .await
+                .unwrap();
+            fw.apply(&vm("cd34", "hth2", 6, false, &[(5353, Proto::Udp, 53)]))
+                .await
+                .unwrap();
+            listing()
+        })
+        .unwrap();
+        // ...is what nft makes of the same ruleset written in its language.
+        let theirs = in_ns("fw-same-b", || async {
+            let script = r#"
+add table ip hearth
+add chain ip hearth prerouting { type nat hook prerouting priority -100; policy accept; }
+add chain ip hearth output { type nat hook output priority -100; policy accept; }
+add chain ip hearth postrouting { type nat hook postrouting priority 100; policy accept; }
+add chain ip hearth forward { type filter hook forward priority 0; policy accept; }
+add map ip hearth fwd_iif { type ifname : verdict; }
+add map ip hearth fwd_oif { type ifname : verdict; }
+add map ip hearth nat_saddr { type ipv4_addr : verdict; }
+add map ip hearth dnat_ports { type inet_proto . inet_service : verdict; }
+add rule ip hearth forward iifname vmap @fwd_iif
+add rule ip hearth forward oifname vmap @fwd_oif
+add rule ip hearth postrouting ip saddr 127.0.0.0/8 ct status dnat masquerade
+add rule ip hearth postrouting ip saddr vmap @nat_saddr
+add rule ip hearth prerouting fib daddr type local meta l4proto . th dport vmap @dnat_ports
+add rule ip hearth output fib daddr type local meta l4proto . th dport vmap @dnat_ports
+add chain ip hearth vm-ab12-fwd
+add chain ip hearth vm-ab12-post
+add chain ip hearth vm-ab12-dnat
+add rule ip hearth vm-ab12-post oifname "eth0" masquerade comment "hearth:vm:0190-ab12"
+add rule ip hearth vm-ab12-fwd iifname "hth1" oifname "eth0" accept comment "hearth:vm:0190-ab12"
+add rule ip hearth vm-ab12-fwd iifname "eth0" oifname "hth1" ct state established,related accept comment "hearth:vm:0190-ab12"
+add rule ip hearth vm-ab12-dnat meta l4proto tcp th dport 8080 dnat to 172.16.0.2:80 comment "hearth:vm:0190-ab12"
+add rule ip hearth vm-ab12-fwd oifname "hth1" ip daddr 172.16.0.2 meta l4proto tcp th dport 80 ct status dnat accept comment "hearth:vm:0190-ab12"
+add rule ip hearth vm-ab12-fwd iifname "hth1" ct status dnat accept comment "hearth:vm:0190-ab12"
+add element ip hearth fwd_iif { "hth1" comment "hearth:vm:0190-ab12" : jump vm-ab12-fwd }
+add element ip hearth fwd_oif { "hth1" comment "hearth:vm:0190-ab12" : jump vm-ab12-fwd }
+add element ip hearth nat_saddr { 172.16.0.2 comment "hearth:vm:0190-ab12" : jump vm-ab12-post }
+add element ip hearth dnat_ports { tcp . 8080 comment "hearth:vm:0190-ab12" : jump vm-ab12-dnat }
+add chain ip hearth vm-cd34-fwd
+add chain ip hearth vm-cd34-dnat
+add rule ip hearth vm-cd34-dnat meta l4proto udp th dport 5353 dnat to 172.16.0.6:53 comment "hearth:vm:0190-cd34"
+add rule ip hearth vm-cd34-fwd oifname "hth2" ip daddr 172.16.0.6 meta l4proto udp th dport 53 ct status dnat accept comment "hearth:vm:0190-cd34"
+add rule ip hearth vm-cd34-fwd iifname "hth2" ct status dnat accept comment "hearth:vm:0190-cd34"
+add element ip hearth fwd_iif { "hth2" comment "hearth:vm:0190-cd34" : jump vm-cd34-fwd }
+add element ip hearth fwd_oif { "hth2" comment "hearth:vm:0190-cd34" : jump vm-cd34-fwd }
+add element ip hearth dnat_ports { udp . 5353 comment "hearth:vm:0190-cd34" : jump vm-cd34-dnat }
+"#;
+            let mut child = StdCommand::new("nft")
+                .args(["-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(script.as_bytes())
+                .unwrap();
+            assert!(child.wait().unwrap().success());
+            listing()
+        })
+        .unwrap();
+        assert_eq!(ours, theirs);
+        // And nft's debug view of the expressions (registers, lengths) is
+        // the same too, not just its pretty-printing.
+        let debug = |tag: &'static str, ours: bool| {
+            in_ns(tag, move || async move {
+                if ours {
+                    Nft::new()
+                        .apply(&vm("ab12", "hth1", 2, true, &[(8080, Proto::Tcp, 80)]))
+                        .await
+                        .unwrap();
+                } else {
+                    let fw = Nft::new();
+                    fw.apply(&vm("ab12", "hth1", 2, true, &[(8080, Proto::Tcp, 80)]))
+                        .await
+                        .unwrap();
+                    // Re-add the VM's rules through nft: same text, nft's encoding.
+                    let rules = nft(&["-s", "list", "table", "ip", "hearth"]);
+                    nft(&["flush", "ruleset"]);
+                    let mut child = StdCommand::new("nft")
+                        .args(["-f", "-"])
+                        .stdin(std::process::Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    use std::io::Write as _;
+                    child
+                        .stdin
+                        .take()
+                        .unwrap()
+                        .write_all(rules.as_bytes())
+                        .unwrap();
+                    assert!(child.wait().unwrap().success());
+                }
+                nft(&["--debug=netlink", "list", "table", "ip", "hearth"])
             })
+            .unwrap()
+        };
+        // Rule handles (after the chain name) differ: the order of creation did.
+        let strip = |text: String| -> String {
+            text.lines()
+                .map(|l| match l.strip_prefix("ip hearth ") {
+                    Some(rest) => rest.split(' ').next().unwrap().to_owned(),
+                    None => l.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(
+            strip(debug("fw-same-c", true)),
+            strip(debug("fw-same-d", false))
+        );
+    }
+
+    #[test]
+    fn removal_adds_before_it_deletes() {
+        let plan = VmPlan::new(&vm("aaa", "hth1", 2, true, &[(8080, Proto::Tcp, 80)]));
+        let ops: Vec<String> = removal("aaa", &plan.elems)
+            .iter()
+            .map(|m| m.what.split(' ').take(2).collect::<Vec<_>>().join(" "))
             .collect();
         let mut want = vec!["add chain"; 3];
         want.extend(["add element"; 4]);
