@@ -210,10 +210,15 @@ fn daemon_killed_after_nat_rules_leaks_nothing_after_restart() {
         return;
     }
     let mut env = TestEnv::new("bug");
-    // A "VMM" that kills hearthd (its parent) the moment it is spawned —
-    // right after the firewall step — and exits.
+    // A "VMM" that kills hearthd (its parent) as soon as the VM's chains
+    // exist — right after the firewall step, before any PUT — and exits.
+    // (The VMM is spawned before the host side, so it waits for it.)
     let killer = env.dir.path().join("killer-vmm");
-    std::fs::write(&killer, "#!/bin/sh\nkill -9 $PPID\nexit 1\n").unwrap();
+    std::fs::write(
+        &killer,
+        "#!/bin/sh\nfor i in $(seq 1 1000); do\n  nft list table ip hearth 2>/dev/null | grep -q 'chain vm-' && break\n  sleep 0.005\ndone\nkill -9 $PPID\nexit 1\n",
+    )
+    .unwrap();
     std::fs::set_permissions(&killer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     env.vmm_override = Some(killer);
     env.start_daemon();

@@ -2,9 +2,10 @@
 //! stale), kill, delete, the unwind of a failed start, the process watcher,
 //! and recovery at daemon start (DESIGN.md, invariant 2).
 //!
-//! Teardown is driven by the runtime record alone, removes objects in the
-//! reverse order of the start journal (VMM, firewall, dm, loops, tap,
-//! files), treats "already gone" as success,
+//! Teardown is driven by the runtime record alone, removes the VMM first
+//! (it holds the tap and the disk), then the rest in the reverse order of
+//! the start journal (firewall, dm, loops, tap, files), treats "already
+//! gone" as success,
 //! clears each field only after its object is confirmed gone (persisting
 //! the record as it goes), and never stops at the first error: it tries
 //! every step and reports all failures together.
