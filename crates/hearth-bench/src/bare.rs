@@ -7,7 +7,8 @@
 //! rtnetlink ([`LinuxNet`]), the NAT and port-forward rules as one nft
 //! transaction ([`Nft`]), the rootfs as a sparse copy ([`LinuxDisk`]), the
 //! VMM spawned in its own session ([`LinuxProcesses`]) and configured over
-//! its API with the same PUTs and InstanceStart ([`Firecracker`]). So
+//! its API with the same PUTs and InstanceStart ([`Firecracker`]), in
+//! hearth's order (the VMM first, so its start-up overlaps the rest). So
 //! hearth − bare is exactly what the daemon adds on top: its API hop, the
 //! journal writes, the state transitions, the copy's fsync and rename, the
 //! tap pool, the extra existence check before the network-interface PUT.
@@ -49,13 +50,16 @@ const PREFIX_LEN: u8 = 30;
 
 /// The names of the timed steps of a bare start, in order.
 pub const STEPS: [(&str, &str); 9] = [
+    ("spawn", "spawn the VMM"),
     ("tap", "create tap (TUNSETIFF+TUNSETPERSIST)"),
     ("address", "flush, address, up (rtnetlink)"),
     ("sysctl", "route_localnet sysctl"),
-    ("nft", "nft transaction (NAT + port forward)"),
+    ("nft", "nftables transaction (NAT + port forward)"),
     ("copy", "sparse copy of the rootfs"),
-    ("spawn", "spawn the VMM"),
-    ("ready", "VMM API socket ready"),
+    (
+        "ready",
+        "VMM API socket ready (what is left of its start-up)",
+    ),
     ("puts", "6 PUTs (logger … network-interfaces)"),
     ("instance_start", "PUT /actions InstanceStart"),
 ];
@@ -164,6 +168,18 @@ impl Bare {
             steps.push(ms(now - t));
             t = now;
         };
+        // The VMM first, as hearth does: its start-up overlaps the host
+        // side. Firecracker opens its log and metrics files without O_CREAT.
+        std::fs::File::create(&log).context("create the VMM log")?;
+        std::fs::File::create(&metrics).context("create the metrics file")?;
+        let (program, args) = self.vmm.command(&sock, &id.to_string());
+        let (pid, st) = self.procs.spawn(&SpawnSpec {
+            program,
+            args,
+            console_log: console,
+        })?;
+        vm.process = Some((pid, st));
+        lap(steps);
         vm.tap = Some(tap.clone());
         self.net.create_tap(&tap).await?;
         lap(steps);
@@ -189,17 +205,6 @@ impl Bare {
         lap(steps);
         let disk = vm.dir.join("rootfs.img");
         self.disk.copy_image(&self.rootfs, &disk)?;
-        lap(steps);
-        // Firecracker opens its log and metrics files without O_CREAT.
-        std::fs::File::create(&log).context("create the VMM log")?;
-        std::fs::File::create(&metrics).context("create the metrics file")?;
-        let (program, args) = self.vmm.command(&sock, &id.to_string());
-        let (pid, st) = self.procs.spawn(&SpawnSpec {
-            program,
-            args,
-            console_log: console,
-        })?;
-        vm.process = Some((pid, st));
         lap(steps);
         let procs = LinuxProcesses;
         let alive = move || procs.is_alive(pid, st, None);

@@ -362,7 +362,7 @@ impl Bench<'_> {
                 if let Some(cpu) = cpu_per_cycle.filter(|&c| c > 0.0) {
                     self.report.add(
                         &format!("throughput.c{clients}.cpu"),
-                        &format!("CPU per cycle, {clients} client(s) (hearthd + nft + VMM)"),
+                        &format!("CPU per cycle, {clients} client(s) (hearthd + VMM)"),
                         "ms",
                         cpu,
                     );
@@ -678,13 +678,13 @@ impl Bench<'_> {
                 let (apply, remove) = self.nft_transaction().await?;
                 self.report.add(
                     &format!("scale.{level}.nft_apply"),
-                    &format!("nft transaction (one VM's apply), {level} VMs"),
+                    &format!("nftables transaction (one VM's apply), {level} VMs"),
                     "ms",
                     apply,
                 );
                 self.report.add(
                     &format!("scale.{level}.nft_remove"),
-                    &format!("nft transaction (one VM's removal), {level} VMs"),
+                    &format!("nftables transaction (one VM's removal), {level} VMs"),
                     "ms",
                     remove,
                 );
@@ -866,7 +866,7 @@ impl Bench<'_> {
         if let Some(cpu) = tree_cpu_ms(self.daemon_pid()?).filter(|&c| c > 0.0) {
             self.report.add(
                 "recovery.dead.cpu",
-                "  CPU hearthd used for it (with its nft children)",
+                "  CPU hearthd used for it (with its children)",
                 "ms",
                 cpu,
             );
@@ -1001,7 +1001,7 @@ impl Bench<'_> {
         {
             for (what, key) in [
                 ("start overhead", "start"),
-                ("nft transaction time", "nft_apply"),
+                ("nftables transaction time", "nft_apply"),
             ] {
                 if let (Some(a), Some(b)) = (
                     r.median(&format!("scale.{lo}.{key}")),
@@ -1127,7 +1127,7 @@ struct Cycles {
     rate: f64,
     /// Each successful cycle's wall time (ms).
     lat: Vec<f64>,
-    /// CPU (ms) hearthd and its reaped children (nft, VMMs) used per cycle.
+    /// CPU (ms) hearthd and its reaped children (the VMMs) used per cycle.
     cpu_per_cycle: Option<f64>,
     /// How busy all of the machine's cores were (%).
     busy: Option<f64>,
@@ -1135,7 +1135,7 @@ struct Cycles {
 
 /// CPU time (ms) `pid` used, with that of its children it has reaped
 /// (`utime + stime + cutime + cstime` of `/proc/<pid>/stat`): for hearthd,
-/// its own work plus every `nft` it ran and every VMM it reaped. Linux
+/// its own work plus every VMM it reaped. Linux
 /// reports these in USER_HZ, which is 100 on every architecture hearth
 /// runs on.
 fn tree_cpu_ms(pid: u32) -> Option<f64> {

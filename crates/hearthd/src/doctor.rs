@@ -14,7 +14,7 @@
 //! judgement that turns those facts into a [`Check`], so the judgements are
 //! unit-tested with made-up facts and only the thin probes touch the host.
 //! The external commands it runs (`<vmm> --version`, `firecracker
-//! --version`, `nft --version`, `nft list tables`) are read-only queries
+//! --version`, `nft --version`) are read-only queries
 //! with a timeout; they do not go through the host layer's command runner
 //! because doctor must work even where that layer refuses to start.
 
@@ -421,25 +421,17 @@ fn first_line_of_version(program: &Path) -> Result<String, String> {
 /// What doctor learned about nftables.
 #[derive(Debug)]
 struct NftFacts {
-    /// `nft` resolved on `PATH`.
-    binary: Option<PathBuf>,
-    /// `nft --version`.
-    version: Option<Result<String, String>>,
-    /// `nft list tables`; `None` when not root (it needs CAP_NET_ADMIN).
-    list_tables: Option<Result<(), String>>,
+    /// The kernel's nf_tables, asked over netlink as hearthd does; `None`
+    /// when not root (it needs CAP_NET_ADMIN).
+    kernel: Option<Result<(), String>>,
+    /// `nft --version`, when the (optional) nft tool is on `PATH`.
+    tool: Option<Result<String, String>>,
 }
 
 fn probe_nft(root: bool) -> NftFacts {
-    let binary = resolve_on_path(Path::new("nft"));
-    let version = binary.as_deref().map(first_line_of_version);
-    let list_tables = match (&binary, root) {
-        (Some(nft), true) => Some(query(nft, &["list", "tables"]).map(|_| ())),
-        _ => None,
-    };
     NftFacts {
-        binary,
-        version,
-        list_tables,
+        kernel: root.then(crate::host::firewall::nft::probe),
+        tool: resolve_on_path(Path::new("nft")).map(|nft| first_line_of_version(&nft)),
     }
 }
 
@@ -671,37 +663,26 @@ fn device_check(name: &str, path: &str, probe: &Probe<()>, absent_advice: &str) 
 }
 
 fn nft_check(f: &NftFacts) -> Check {
-    const NAME: &str = "nft";
-    let (binary, version) = match (&f.binary, &f.version) {
-        (Some(b), Some(v)) => (b, v),
-        _ => {
-            return Check::missing(
-                NAME,
-                "nft is not on PATH",
-                "install nftables (the nft tool): hearth needs it for NAT and port forwarding",
-            );
-        }
+    const NAME: &str = "nftables";
+    // hearthd talks to nf_tables over netlink; the nft tool is only for
+    // people reading the rules.
+    let tool = match &f.tool {
+        Some(Ok(v)) => format!("nft tool: {v}"),
+        Some(Err(e)) => format!("nft tool broken: {e}"),
+        None => "nft tool not installed (optional: `nft list table ip hearth` shows the rules)"
+            .to_owned(),
     };
-    let version = match version {
-        Ok(v) => v,
-        Err(e) => {
-            return Check::missing(
-                NAME,
-                format!("{} --version: {e}", binary.display()),
-                "reinstall nftables",
-            );
-        }
-    };
-    match &f.list_tables {
+    match &f.kernel {
         None => Check::ok(
             NAME,
-            format!("{version}; kernel side not checked (needs root)"),
+            format!("kernel side not checked (needs root); {tool}"),
         ),
-        Some(Ok(())) => Check::ok(NAME, format!("{version}; nf_tables answers")),
-        Some(Err(e)) => Check::warn(
+        Some(Ok(())) => Check::ok(NAME, format!("nf_tables answers over netlink; {tool}")),
+        Some(Err(e)) => Check::missing(
             NAME,
-            format!("{version}; `nft list tables`: {e}"),
-            "the kernel's nf_tables is missing or unusable: load it (modprobe nf_tables)",
+            format!("nf_tables over netlink: {e}; {tool}"),
+            "the kernel's nf_tables is missing or unusable: load it (modprobe nf_tables); \
+             hearth needs it for NAT and port forwarding",
         ),
     }
 }
@@ -1103,18 +1084,24 @@ mod tests {
         assert_eq!(root_check(true, 0).status, Status::Ok);
         assert_eq!(root_check(false, 1000).status, Status::Warn);
 
+        // The nft tool is optional; the kernel side is what counts.
         let nft = NftFacts {
-            binary: None,
-            version: None,
-            list_tables: None,
+            kernel: Some(Ok(())),
+            tool: None,
+        };
+        let c = nft_check(&nft);
+        assert_eq!(c.status, Status::Ok);
+        assert!(c.detail.contains("not installed"), "{c:?}");
+        let nft = NftFacts {
+            kernel: Some(Err("Protocol not supported (os error 93)".into())),
+            tool: Some(Ok("nftables v1.0.9 (Old Doc Yiddish)".into())),
         };
         assert_eq!(nft_check(&nft).status, Status::Missing);
         let nft = NftFacts {
-            binary: Some("/usr/sbin/nft".into()),
-            version: Some(Ok("nftables v1.0.9 (Old Doc Yiddish)".into())),
-            list_tables: Some(Err("exit status: 1: Error: Could not process rule".into())),
+            kernel: None,
+            tool: None,
         };
-        assert_eq!(nft_check(&nft).status, Status::Warn);
+        assert_eq!(nft_check(&nft).status, Status::Ok);
     }
 
     #[test]
@@ -1226,7 +1213,7 @@ mod tests {
                 "vmm",
                 "firecracker",
                 "tun",
-                "nft",
+                "nftables",
                 "device-mapper",
                 "loop",
                 "ip_forward",

@@ -243,6 +243,16 @@ impl Nft {
     }
 }
 
+/// Whether the kernel's nf_tables answers over netlink in the calling
+/// thread's namespace (`hearth doctor`): one chain dump, nothing changed.
+pub fn probe() -> Result<(), String> {
+    let mut sock =
+        NfSocket::open().map_err(|e| format!("cannot open a netfilter netlink socket: {e}"))?;
+    sock.dump(Kind::GetChain, &Attrs::new())
+        .map(drop)
+        .map_err(|r| format!("{}: {}", r.what, r.error))
+}
+
 /// The thread that owns the socket.
 struct Worker {
     sock: Result<NfSocket, String>,
