@@ -691,14 +691,17 @@ impl Bench<'_> {
             }
             let counts = nft_counts().await?;
             self.report.add(
-                &format!("scale.{level}.nft_rules"),
-                &format!("nft rules in table ip hearth, {level} VMs"),
-                "rules",
-                counts.rules as f64,
+                &format!("scale.{level}.nft_elements"),
+                &format!(
+                    "nft set elements in table ip hearth (rules: {}), {level} VMs",
+                    counts.rules
+                ),
+                "elements",
+                counts.elements as f64,
             );
             self.report.extra(
                 &format!("scale.{level}.nft"),
-                serde_json::json!({"rules": counts.rules, "chains": counts.chains, "map_elements": counts.elements}),
+                serde_json::json!({"rules": counts.rules, "chains": counts.chains, "elements": counts.elements, "marked": counts.marked}),
             );
             for _ in 0..self.plan.nft_reps {
                 let t = Instant::now();
@@ -850,12 +853,12 @@ impl Bench<'_> {
             );
             record(&self.failures, "recovery of dead VMs", &e);
         }
-        // Each VM torn down holds no chain any more (those whose teardown
-        // failed may, until the drain force-deletes them).
-        let chains = nft_counts().await?.vm_chains;
+        // Each VM torn down holds no element any more (those whose
+        // teardown failed may, until the drain force-deletes them).
+        let marked = nft_counts().await?.marked;
         let left = n - (stopped as usize).min(n);
-        if chains > 3 * left {
-            bail!("{chains} per-VM nft chains left after tearing down {stopped} dead VMs");
+        if marked > 6 * left {
+            bail!("{marked} marked nft elements left after tearing down {stopped} dead VMs");
         }
         self.report.add(
             "recovery.dead",
@@ -909,7 +912,7 @@ impl Bench<'_> {
         digits.parse().ok()
     }
 
-    /// After everything: no process of any variant, no per-VM nft chain,
+    /// After everything: no process of any variant, no marked nft element,
     /// no bare or shell tap, no iptables rule of the shell variant.
     async fn audit(&mut self) -> anyhow::Result<()> {
         env::reap_orphans();
@@ -919,8 +922,8 @@ impl Bench<'_> {
             problems.push(format!("processes still running: {procs:?}"));
         }
         let counts = nft_counts().await?;
-        if counts.vm_chains != 0 {
-            problems.push(format!("{} per-VM nft chains left", counts.vm_chains));
+        if counts.marked != 0 {
+            problems.push(format!("{} marked nft elements left", counts.marked));
         }
         let links = ip_links().await?;
         let strays: Vec<&String> = links
@@ -944,7 +947,7 @@ impl Bench<'_> {
         }
         say(
             self.t0,
-            "audit: no process, tap, nft chain or iptables rule left",
+            "audit: no process, tap, nft element or iptables rule left",
         );
         Ok(())
     }
@@ -1072,11 +1075,13 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
 struct NftCounts {
     rules: usize,
     chains: usize,
-    vm_chains: usize,
+    /// Set and map elements.
     elements: usize,
+    /// Elements marked `hearth:vm:…` (every per-VM object is one).
+    marked: usize,
 }
 
-/// Counts rules, chains and map elements in `table ip hearth` (absent
+/// Counts rules, chains and set elements in `table ip hearth` (absent
 /// table: all zero).
 async fn nft_counts() -> anyhow::Result<NftCounts> {
     let out = tokio::process::Command::new("nft")
@@ -1093,13 +1098,19 @@ async fn nft_counts() -> anyhow::Result<NftCounts> {
     for obj in doc["nftables"].as_array().into_iter().flatten() {
         if obj.get("rule").is_some() {
             c.rules += 1;
-        } else if let Some(ch) = obj.get("chain") {
+        } else if obj.get("chain").is_some() {
             c.chains += 1;
-            if ch["name"].as_str().is_some_and(|n| n.starts_with("vm-")) {
-                c.vm_chains += 1;
+        } else if let Some(set) = obj.get("set").or_else(|| obj.get("map")) {
+            for e in set["elem"].as_array().into_iter().flatten() {
+                c.elements += 1;
+                // A map's element is [key, data]; a commented key is
+                // {"elem": {"val": …, "comment": …}}.
+                let key = if obj.get("map").is_some() { &e[0] } else { e };
+                let comment = key["elem"]["comment"].as_str().unwrap_or_default();
+                if comment.starts_with("hearth:vm:") {
+                    c.marked += 1;
+                }
             }
-        } else if let Some(m) = obj.get("map") {
-            c.elements += m["elem"].as_array().map_or(0, Vec::len);
         }
     }
     Ok(c)

@@ -43,7 +43,7 @@ const FIGURES: &[&str] = &[
     "scale.10.start",
     "scale.10.nft_apply",
     "scale.10.nft_remove",
-    "scale.10.nft_rules",
+    "scale.10.nft_elements",
     "scale.10.rss",
     "recovery.live",
     "recovery.dead",
@@ -163,7 +163,10 @@ fn quick_run_reports_every_figure() {
     let med = |k: &str| figures[k]["median"].as_f64().unwrap();
     assert!(med("start.vmm") < med("start.bare"), "{v:#}");
     assert!(med("start.shell") > med("start.bare"), "{v:#}");
-    assert!(med("scale.10.nft_rules") >= 10.0, "one VM's rules at least");
+    assert!(
+        med("scale.10.nft_elements") >= 10.0,
+        "one VM's elements at least"
+    );
     let targets = v["targets"].as_array().unwrap();
     assert!(targets.len() >= 5, "targets: {targets:?}");
     // The JSON's markdown twin is written beside it.

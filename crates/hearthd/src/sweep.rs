@@ -58,10 +58,10 @@ pub enum Target {
         /// The API socket on its command line.
         socket: PathBuf,
     },
-    /// nft chains `vm-<short_id>…` and the map elements jumping to them.
-    Chains {
-        /// The VM short id.
-        short_id: String,
+    /// Elements of hearth's nft sets marked `hearth:vm:<id>`.
+    Firewall {
+        /// The VM id in the marks.
+        vm_id: String,
     },
     /// A dm device `hearth-…`.
     Dm {
@@ -92,7 +92,7 @@ impl Target {
     fn rank(&self) -> u8 {
         match self {
             Target::Process { .. } => 0,
-            Target::Chains { .. } => 1,
+            Target::Firewall { .. } => 1,
             Target::Dm { .. } => 2,
             Target::Loop { .. } => 3,
             Target::Tap { .. } => 4,
@@ -103,7 +103,7 @@ impl Target {
     fn kind(&self) -> &'static str {
         match self {
             Target::Process { .. } => "process",
-            Target::Chains { .. } => "firewall",
+            Target::Firewall { .. } => "firewall",
             Target::Dm { .. } => "dm",
             Target::Loop { .. } => "loop",
             Target::Tap { .. } => "tap",
@@ -116,7 +116,9 @@ impl Target {
             Target::Process { pid, socket, .. } => {
                 format!("VMM pid {pid} (--api-sock {})", socket.display())
             }
-            Target::Chains { short_id } => format!("nft chains vm-{short_id}-* in table ip hearth"),
+            Target::Firewall { vm_id } => {
+                format!("nft elements marked hearth:vm:{vm_id} in table ip hearth")
+            }
             Target::Dm { name } => format!("dm device {name}"),
             Target::Loop { dev, backing } => {
                 format!("loop {} backed by {}", dev.display(), backing.display())
@@ -180,11 +182,11 @@ pub async fn find(config: &Config, store: &Store, host: &Host) -> Result<Vec<Fou
         .into_iter()
         .filter(|(_, _, arg)| arg.file_name().is_some_and(|n| n == "api.sock"))
         .collect();
-    let chains = host
+    let marked = host
         .firewall
-        .list_vm_chains()
+        .list_vms()
         .await
-        .map_err(list("nft chains"))?;
+        .map_err(list("nft elements"))?;
     let dms = host.disk.list_dm("hearth-").map_err(list("dm devices"))?;
     let loops: Vec<_> = host
         .disk
@@ -203,7 +205,7 @@ pub async fn find(config: &Config, store: &Store, host: &Host) -> Result<Vec<Fou
     let rows = store.list()?;
     let pool: HashSet<String> = store.taps()?.into_iter().map(|t| t.name).collect();
     let ids: HashSet<String> = rows.iter().map(|r| r.id.to_string()).collect();
-    let (mut sockets, mut short_ids, mut dm_names, mut backings) = (
+    let (mut sockets, mut fw_ids, mut dm_names, mut backings) = (
         HashSet::new(),
         HashSet::new(),
         HashSet::new(),
@@ -213,7 +215,7 @@ pub async fn find(config: &Config, store: &Store, host: &Host) -> Result<Vec<Fou
         let Ok(rt) = &row.runtime else { continue };
         sockets.extend(rt.api_socket.clone());
         if let Some(f) = &rt.firewall {
-            short_ids.insert(f.short_id.clone());
+            fw_ids.insert(f.vm_id.clone());
         }
         if let Some(d) = &rt.disk {
             dm_names.extend(d.dm_name.clone());
@@ -239,9 +241,9 @@ pub async fn find(config: &Config, store: &Store, host: &Host) -> Result<Vec<Fou
             });
         }
     }
-    for short_id in chains.into_iter().filter(|s| !short_ids.contains(s)) {
+    for vm_id in marked.into_iter().filter(|s| !fw_ids.contains(s)) {
         found.push(Found {
-            target: Target::Chains { short_id },
+            target: Target::Firewall { vm_id },
             reason: unclaimed("VM's firewall rules"),
         });
     }
@@ -292,9 +294,9 @@ pub async fn remove(found: &[Found], host: &Host) -> Vec<(Found, Option<String>)
                 .kill(*pid, *start_time)
                 .await
                 .map_err(|e| error_chain(&e)),
-            Target::Chains { short_id } => host
+            Target::Firewall { vm_id } => host
                 .firewall
-                .remove_orphan(short_id)
+                .remove_orphan(vm_id)
                 .await
                 .map_err(|e| error_chain(&e)),
             Target::Dm { name } => host.disk.dm_remove(name).map_err(|e| error_chain(&e)),

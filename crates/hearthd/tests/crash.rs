@@ -17,15 +17,15 @@
 //!   `rm --force` may finish a teardown the error interrupted). Each
 //!   scenario has a bystander VM that the operation never touches and the
 //!   VM under test, both with `nat` and a port forward. After recovery
-//!   [`audit`] checks the host against the store: every VMM process, nft
-//!   chain and addressed tap belongs to a running VM and every VM dir to a
+//!   [`audit`] checks the host against the store: every VMM process, marked nft
+//!   element and addressed tap belongs to a running VM and every VM dir to a
 //!   VM; every other VM's record names nothing; the tap pool and the
 //!   records agree on who holds which tap; `hearth doctor --leaks` finds nothing; the
 //!   store passes `PRAGMA integrity_check`; the orphan sweep never had to
 //!   remove anything hearth itself made (that would mean an object was
 //!   created before it was recorded, or a record dropped before its
 //!   object); and the daemon never panicked. The bystander must still run
-//!   with the same pid, chains and a working port forward. Then both VMs
+//!   with the same pid, nft elements and a working port forward. Then both VMs
 //!   are removed and the audit must find an empty host. The outcome table
 //!   is printed and written to `target/crash-matrix.md`.
 //! * **The soak** ([`soak_random_operations_while_the_daemon_is_killed`]):
@@ -198,25 +198,9 @@ fn cmdline(pid: u64) -> String {
         .unwrap_or_default()
 }
 
-/// Names of hearth's per-VM nft chains in the env's host namespace.
-fn vm_chains(env: &TestEnv) -> Vec<String> {
-    let out = Command::new("ip")
-        .args([
-            "netns", "exec", &env.netns, "nft", "-j", "list", "table", "ip", "hearth",
-        ])
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Vec::new();
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|o| o.get("chain")?.get("name")?.as_str().map(str::to_owned))
-        .filter(|n| n.starts_with("vm-"))
-        .collect()
+/// Ids of the VMs with marked elements in hearth's nft table.
+fn marked(env: &TestEnv) -> Vec<String> {
+    common::marked_vms(&env.netns)
 }
 
 /// Every `hth*` link of the env's host namespace but the uplink, with its
@@ -248,9 +232,8 @@ fn hth_links(env: &TestEnv) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-fn short_of(vm: &Value) -> String {
-    let id = uuid::Uuid::parse_str(vm["id"].as_str().unwrap()).unwrap();
-    hearth_api::short_id(&id)
+fn id_of(vm: &Value) -> String {
+    vm["id"].as_str().unwrap().to_owned()
 }
 
 /// `PRAGMA integrity_check` on the env's store, opened read-only beside
@@ -332,7 +315,7 @@ fn audit(env: &TestEnv, planted: &[String], lenient: bool) -> Audit {
         a.problems.push(format!("GET /v1/vms: {s} {list}"));
         return a;
     }
-    let (mut pids, mut shorts, mut taps, mut ids) = (
+    let (mut pids, mut fw_ids, mut taps, mut ids) = (
         HashSet::new(),
         HashSet::new(),
         HashMap::new(),
@@ -356,11 +339,9 @@ fn audit(env: &TestEnv, planted: &[String], lenient: bool) -> Audit {
                         "{name} is running but its VMM (pid {pid:?}, socket {sock}) is not"
                     )),
                 }
-                if !rt["firewall"].is_null()
-                    && !vm_chains(env).iter().any(|c| c.contains(&short_of(vm)))
-                {
+                if !rt["firewall"].is_null() && !marked(env).contains(&id_of(vm)) {
                     a.problems
-                        .push(format!("{name} is running but its nft chains are gone"));
+                        .push(format!("{name} is running but its nft rules are gone"));
                 }
             }
             "stopped" | "error" | "created" => {
@@ -379,7 +360,7 @@ fn audit(env: &TestEnv, planted: &[String], lenient: bool) -> Audit {
             pids.insert(pid);
         }
         if !rt["firewall"].is_null() {
-            shorts.insert(short_of(vm));
+            fw_ids.insert(id_of(vm));
         }
         if let Some(tap) = rt["tap"].as_str() {
             named_taps.insert(vm["id"].as_str().unwrap().to_owned(), tap.to_owned());
@@ -399,11 +380,11 @@ fn audit(env: &TestEnv, planted: &[String], lenient: bool) -> Audit {
             ));
         }
     }
-    for chain in vm_chains(env) {
-        let short = chain.split('-').nth(1).unwrap_or_default();
-        if !shorts.contains(short) {
-            a.problems
-                .push(format!("nft chain {chain} belongs to no VM that holds it"));
+    for id in marked(env) {
+        if !fw_ids.contains(&id) {
+            a.problems.push(format!(
+                "nft elements of {id} belong to no VM that holds them"
+            ));
         }
     }
     for (link, addrs) in hth_links(env) {
@@ -472,9 +453,9 @@ fn audit(env: &TestEnv, planted: &[String], lenient: bool) -> Audit {
     a
 }
 
-/// The bystander still runs, with the same VMM, its chains and a port
+/// The bystander still runs, with the same VMM, its nft elements and a port
 /// forward that carries traffic.
-fn bystander_problems(env: &TestEnv, pid: u64, short: &str) -> Vec<String> {
+fn bystander_problems(env: &TestEnv, pid: u64, by_id: &str) -> Vec<String> {
     let mut p = Vec::new();
     let Some(vm) = vm_opt(env, BYSTANDER) else {
         return vec!["bystander: gone".into()];
@@ -485,8 +466,8 @@ fn bystander_problems(env: &TestEnv, pid: u64, short: &str) -> Vec<String> {
             vm["state"], vm["runtime"]["pid"]
         ));
     }
-    if !vm_chains(env).iter().any(|c| c.contains(short)) {
-        p.push("bystander: its nft chains are gone".into());
+    if !marked(env).iter().any(|id| id == by_id) {
+        p.push("bystander: its nft rules are gone".into());
     }
     let echoed = in_ns(&env.netns, || {
         tcp_line(&format!("127.0.0.1:{BY_PORT}"), "ping\n")
@@ -523,19 +504,9 @@ fn plant_orphans(env: &TestEnv, n: u8) -> Vec<String> {
         &env.netns,
         &["ip", "tuntap", "add", "dev", &tap, "mode", "tap"],
     );
-    let short = format!("0000deadbe{n:02}");
-    ns_cmd(
-        &env.netns,
-        &[
-            "nft",
-            "add",
-            "chain",
-            "ip",
-            "hearth",
-            &format!("vm-{short}-fwd"),
-        ],
-    );
-    vec![ghost, format!("tap {tap}"), short]
+    let orphan_id = format!("0000dead-be{n:02}-0000-0000-000000000000");
+    common::plant_marked_element(&env.netns, &orphan_id, &format!("hth6{n}"));
+    vec![ghost, format!("tap {tap}"), orphan_id]
 }
 
 // ---------------------------------------------------------------------------
@@ -564,7 +535,7 @@ fn scenario(tag: &str, fp: &str, op: Op, mode: Mode) -> Verdict {
     }
     let by = env.vm(BYSTANDER);
     let by_pid = by["runtime"]["pid"].as_u64().expect("bystander pid");
-    let by_short = short_of(&by);
+    let by_id = id_of(&by);
     let mark = format!("failpoint {fp}");
     let mut planted = Vec::new();
     let mut v = Verdict::default();
@@ -706,7 +677,7 @@ fn scenario(tag: &str, fp: &str, op: Op, mode: Mode) -> Verdict {
     // Recovered, by an unarmed daemon.
     let a = audit(&env, &planted, false);
     v.problems.extend(a.problems);
-    let by_problems = bystander_problems(&env, by_pid, &by_short);
+    let by_problems = bystander_problems(&env, by_pid, &by_id);
     if !by_problems.is_empty() {
         if mode == Mode::Error
             && fp.starts_with("reconcile.")
@@ -1242,14 +1213,14 @@ fn a_corrupt_runtime_record_is_reported_and_rm_force_cleans_up() {
     assert!(!out.status.success());
     assert!(text(&out).contains("corrupt"), "{}", text(&out));
     assert!(
-        bystander_problems(&env, by["runtime"]["pid"].as_u64().unwrap(), &short_of(&by)).is_empty()
+        bystander_problems(&env, by["runtime"]["pid"].as_u64().unwrap(), &id_of(&by)).is_empty()
     );
     env.hearth_ok(&["rm", "--force", "bad"]);
     assert!(!alive(bad_pid), "the corrupt VM's VMM survived rm --force");
     assert!(vm_opt(&env, "bad").is_none());
-    // Its VMM and chains could only be found by their marks: the sweep's
+    // Its VMM and nft elements could only be found by their marks: the sweep's
     // events name the VM.
-    clean_up_and_check(&env, &[bad_id.clone(), short_of(&bad)]);
+    clean_up_and_check(&env, std::slice::from_ref(&bad_id));
 }
 
 #[test]

@@ -13,28 +13,9 @@ use std::io::{BufRead, Write};
 
 use common::{HOST_UPLINK_IP, OUTER_IP, TestEnv, in_ns, ns_cmd, require_root, tcp_line};
 
-fn nft_table(env: &TestEnv) -> serde_json::Value {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &env.netns, "nft", "-j", "list", "table", "ip", "hearth",
-        ])
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return serde_json::json!({"nftables": []});
-    }
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Names of hearth's per-VM chains.
-fn vm_chains(env: &TestEnv) -> Vec<String> {
-    nft_table(env)["nftables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|o| o.get("chain")?.get("name")?.as_str().map(str::to_owned))
-        .filter(|n| n.starts_with("vm-"))
-        .collect()
+/// Ids of the VMs with marked elements in hearth's table.
+fn marked(env: &TestEnv) -> Vec<String> {
+    common::marked_vms(&env.netns)
 }
 
 fn addrs_of(env: &TestEnv, dev: &str) -> Vec<String> {
@@ -99,12 +80,7 @@ fn nat_and_port_forward_carry_traffic_and_stop_removes_everything() {
     let disk = std::path::PathBuf::from(rt["disk"]["device"].as_str().unwrap());
     assert!(disk.starts_with(&env.state_dir), "{disk:?}");
     assert_eq!(addrs_of(&env, &tap), vec![format!("{host}/30")]);
-    let chains = vm_chains(&env);
-    let short = &vm["id"].as_str().unwrap().replace('-', "")[20..];
-    assert!(
-        !chains.is_empty() && chains.iter().all(|c| c.contains(short)),
-        "{chains:?}"
-    );
+    assert_eq!(marked(&env), [vm["id"].as_str().unwrap()]);
 
     // The guest answers on its address, through the tap.
     let g = guest.clone();
@@ -154,11 +130,7 @@ fn nat_and_port_forward_carry_traffic_and_stop_removes_everything() {
         "{vm}"
     );
     assert!(vm["runtime"]["disk"].is_null(), "{vm}");
-    assert!(
-        vm_chains(&env).is_empty(),
-        "chains left: {:?}",
-        vm_chains(&env)
-    );
+    assert!(marked(&env).is_empty(), "chains left: {:?}", marked(&env));
     assert!(addrs_of(&env, &tap).is_empty(), "tap kept its address");
     assert!(in_ns(&env.netns, || tcp_line("127.0.0.1:8080", "x\n")).is_err());
     let g = guest.clone();
@@ -175,7 +147,7 @@ fn nat_and_port_forward_carry_traffic_and_stop_removes_everything() {
     env.hearth_ok(&["rm", "--force", "web"]);
     assert!(!disk.exists());
     assert_eq!(sha(&env.rootfs), image_before, "the image was modified");
-    assert!(vm_chains(&env).is_empty());
+    assert!(marked(&env).is_empty());
 }
 
 #[test]
@@ -210,13 +182,13 @@ fn daemon_killed_after_nat_rules_leaks_nothing_after_restart() {
         return;
     }
     let mut env = TestEnv::new("bug");
-    // A "VMM" that kills hearthd (its parent) as soon as the VM's chains
+    // A "VMM" that kills hearthd (its parent) as soon as the VM's rules
     // exist — right after the firewall step, before any PUT — and exits.
     // (The VMM is spawned before the host side, so it waits for it.)
     let killer = env.dir.path().join("killer-vmm");
     std::fs::write(
         &killer,
-        "#!/bin/sh\nfor i in $(seq 1 1000); do\n  nft list table ip hearth 2>/dev/null | grep -q 'chain vm-' && break\n  sleep 0.005\ndone\nkill -9 $PPID\nexit 1\n",
+        "#!/bin/sh\nfor i in $(seq 1 1000); do\n  nft list table ip hearth 2>/dev/null | grep -q 'hearth:vm:' && break\n  sleep 0.005\ndone\nkill -9 $PPID\nexit 1\n",
     )
     .unwrap();
     std::fs::set_permissions(&killer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -239,7 +211,7 @@ fn daemon_killed_after_nat_rules_leaks_nothing_after_restart() {
         .collect();
     assert_eq!(taps.len(), 1, "{taps:?}");
     assert!(!addrs_of(&env, &taps[0]).is_empty());
-    assert!(!vm_chains(&env).is_empty());
+    assert!(!marked(&env).is_empty());
 
     env.vmm_override = None;
     env.start_daemon();
@@ -249,14 +221,10 @@ fn daemon_killed_after_nat_rules_leaks_nothing_after_restart() {
         vm["runtime"]["tap"].is_null() && vm["runtime"]["firewall"].is_null(),
         "{vm}"
     );
-    assert!(
-        vm_chains(&env).is_empty(),
-        "rules leaked: {:?}",
-        vm_chains(&env)
-    );
+    assert!(marked(&env).is_empty(), "rules leaked: {:?}", marked(&env));
     assert!(addrs_of(&env, &taps[0]).is_empty(), "tap still configured");
     // And the VM starts normally afterwards.
     env.hearth_ok(&["start", "victim"]);
     env.hearth_ok(&["rm", "--force", "victim"]);
-    assert!(vm_chains(&env).is_empty());
+    assert!(marked(&env).is_empty());
 }

@@ -29,7 +29,7 @@ fn links(env: &TestEnv) -> Vec<String> {
         .collect()
 }
 
-fn chains(env: &TestEnv) -> String {
+fn ruleset(env: &TestEnv) -> String {
     let out = Command::new("ip")
         .args(["netns", "exec", &env.netns, "nft", "list", "ruleset"])
         .output()
@@ -66,10 +66,7 @@ fn restart_readopts_live_vms_cleans_dead_ones_and_sweeps_orphans() {
         &env.netns,
         &["ip", "tuntap", "add", "dev", "hth77", "mode", "tap"],
     );
-    ns_cmd(
-        &env.netns,
-        &["nft", "add", "chain", "ip", "hearth", "vm-0000deadbeef-fwd"],
-    );
+    common::plant_marked_element(&env.netns, "0000dead-beef-0000-0000-000000000000", "hth78");
     let loop_file = ghost_dir.join("cow.img");
     std::fs::File::create(&loop_file)
         .unwrap()
@@ -117,8 +114,8 @@ fn restart_readopts_live_vms_cleans_dead_ones_and_sweeps_orphans() {
         "orphan tap survived"
     );
     assert!(
-        !chains(&env).contains("vm-0000deadbeef"),
-        "orphan chain survived"
+        !ruleset(&env).contains("hearth:vm:0000dead-beef"),
+        "orphan nft element survived"
     );
     let out = Command::new("losetup")
         .args(["-n", "-O", "BACK-FILE", &loop_dev])

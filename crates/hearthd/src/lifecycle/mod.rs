@@ -480,8 +480,8 @@ impl Lifecycle {
     /// have, so the VMM can still be found by its API socket.
     ///
     /// Everything a VM can hold is derivable that way except its firewall
-    /// map keys: a corrupt VM's chains are removed by their short id
-    /// (`Firewall::remove_orphan`) after the teardown.
+    /// keys: a corrupt VM's nft elements are removed by the VM id in their
+    /// marks (`Firewall::remove_orphan`) after the teardown.
     fn teardown_runtime(&self, row: &VmRow) -> Runtime {
         row.runtime.clone().unwrap_or_else(|_| {
             let p = VmPaths::new(&self.config, row.id);

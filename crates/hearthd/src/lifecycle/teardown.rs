@@ -492,10 +492,10 @@ impl Lifecycle {
         }
         let vm = self.finish_stop(row, generation, rt, op).await?;
         if row.runtime.is_err() {
-            // The record that named the firewall keys is gone: remove the
-            // VM's chains by its short id.
+            // The record that named the firewall keys is gone: remove
+            // what is marked with the VM's id.
             self.firewall
-                .remove_orphan(&hearth_api::short_id(&row.id))
+                .remove_orphan(&row.id.to_string())
                 .await
                 .map_err(|e| LifecycleError::TeardownFailed {
                     name: row.name.clone(),

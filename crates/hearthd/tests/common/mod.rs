@@ -458,3 +458,44 @@ pub fn tcp_line(addr: &str, line: &str) -> std::io::Result<String> {
     r.read_line(&mut out)?;
     Ok(out)
 }
+
+/// Ids of the VMs that have elements marked `hearth:vm:<id>` in hearth's
+/// nft table in namespace `ns`, sorted (the firewall's ownership marks).
+pub fn marked_vms(ns: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "list", "table", "ip", "hearth"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut ids: Vec<String> = text
+        .split("comment \"hearth:vm:")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Puts an element marked for VM `vm_id` in hearth's table behind
+/// hearthd's back (making the table and set if need be): an orphan for
+/// the sweep to find.
+pub fn plant_marked_element(ns: &str, vm_id: &str, tap: &str) {
+    let script = format!(
+        "add table ip hearth\nadd set ip hearth dnat_taps {{ type ifname; }}\n\
+         add element ip hearth dnat_taps {{ \"{tap}\" comment \"hearth:vm:{vm_id}\" }}\n"
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{script}");
+}

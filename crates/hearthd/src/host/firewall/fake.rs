@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::nft::{orphan, validate};
+use super::nft::{validate, validate_vm_id};
 use super::{Firewall, FirewallError, VmRules};
 
 #[derive(Debug, Default)]
@@ -57,22 +57,18 @@ impl Model {
     }
 }
 
-/// The map keys a VM's rules hold, as in the real table.
+/// The keys of a VM's rules that the kernel refuses to share: its
+/// forwarded host ports (the one set with data, `dnat_ports`; the real
+/// table's other elements carry no data, so an equal key is no clash).
 fn keys(rules: &VmRules) -> Vec<String> {
     keys_of(rules).collect()
 }
 
 fn keys_of(rules: &VmRules) -> impl Iterator<Item = String> + '_ {
-    let tap = (!rules.is_empty()).then(|| format!("tap {}", rules.tap));
-    let nat = rules
-        .nat_uplink
-        .as_ref()
-        .map(|_| format!("address {}", rules.guest_ip));
-    let ports = rules
+    rules
         .port_forwards
         .iter()
-        .map(|pf| format!("port {}/{}", pf.host_port, pf.proto.as_str()));
-    tap.into_iter().chain(nat).chain(ports)
+        .map(|pf| format!("dnat_ports[{} . {}]", pf.proto.as_str(), pf.host_port))
 }
 
 /// An error shaped like the one a refused nftables transaction gives.
@@ -102,14 +98,13 @@ impl FakeFirewall {
     }
 
     /// Every call so far, as `op short_id` (`apply 0a1b2c3d4e5f`,
-    /// `remove 0a1b2c3d4e5f`, `remove_orphan 0a1b2c3d4e5f`,
-    /// `list_vm_chains`).
+    /// `remove 0a1b2c3d4e5f`, `remove_orphan <vm id>`, `list_vms`).
     pub fn calls(&self) -> Vec<String> {
         self.m().calls.clone()
     }
 
     /// Makes every call of operation `op` (`"apply"`, `"remove"`,
-    /// `"remove_orphan"`, `"list_vm_chains"`) fail from now on, or none
+    /// `"remove_orphan"`, `"list_vms"`) fail from now on, or none
     /// with `None`.
     pub fn fail_at(&self, op: Option<&str>) {
         self.m().fail_at = op.map(str::to_owned);
@@ -145,17 +140,18 @@ impl Firewall for FakeFirewall {
             return Err(refused(
                 "apply",
                 format!("add element {key}"),
-                "the key is held by another VM".into(),
+                "the host port is forwarded to another VM".into(),
             ));
         }
         let s = &rules.short_id;
-        let mut installed = vec![format!("chain vm-{s}-fwd")];
-        if rules.nat_uplink.is_some() {
-            installed.push(format!("chain vm-{s}-post"));
+        // What the real one describes, in brief: one line per element.
+        let mut installed = Vec::new();
+        if let Some(up) = &rules.nat_uplink {
+            installed.push(format!("element nat_out[{} . \"{up}\"]", rules.guest_ip));
+            installed.push(format!("element fwd_out[\"{}\" . \"{up}\"]", rules.tap));
+            installed.push(format!("element fwd_in[\"{up}\" . \"{}\"]", rules.tap));
         }
-        if !rules.port_forwards.is_empty() {
-            installed.push(format!("chain vm-{s}-dnat"));
-        }
+        installed.extend(keys_of(rules).map(|k| format!("element {k}")));
         m.installed.insert(s.clone(), rules.clone());
         Ok(installed)
     }
@@ -168,17 +164,19 @@ impl Firewall for FakeFirewall {
         Ok(())
     }
 
-    async fn list_vm_chains(&self) -> Result<Vec<String>, FirewallError> {
+    async fn list_vms(&self) -> Result<Vec<String>, FirewallError> {
         let mut m = self.m();
-        m.call("list_vm_chains", "")?;
-        Ok(m.installed.keys().cloned().collect())
+        m.call("list_vms", "")?;
+        let ids: std::collections::BTreeSet<String> =
+            m.installed.values().map(|r| r.vm_id.clone()).collect();
+        Ok(ids.into_iter().collect())
     }
 
-    async fn remove_orphan(&self, short_id: &str) -> Result<(), FirewallError> {
+    async fn remove_orphan(&self, vm_id: &str) -> Result<(), FirewallError> {
         let mut m = self.m();
-        m.call("remove_orphan", short_id)?;
-        validate(&orphan(short_id))?;
-        m.installed.remove(short_id);
+        m.call("remove_orphan", vm_id)?;
+        validate_vm_id(vm_id)?;
+        m.installed.retain(|_, r| r.vm_id != vm_id);
         Ok(())
     }
 }
@@ -225,12 +223,17 @@ mod tests {
             let installed = fw.apply(&a).await.unwrap();
             assert_eq!(
                 installed,
-                ["chain vm-aaa-fwd", "chain vm-aaa-post", "chain vm-aaa-dnat"]
+                [
+                    r#"element nat_out[172.16.0.2 . "eth0"]"#,
+                    r#"element fwd_out["hth0" . "eth0"]"#,
+                    r#"element fwd_in["eth0" . "hth0"]"#,
+                    "element dnat_ports[tcp . 8080]",
+                ]
             );
             fw.apply(&a).await.unwrap();
             fw.apply(&b).await.unwrap();
             assert_eq!(fw.installed(), ["aaa", "bbb"]);
-            assert_eq!(fw.list_vm_chains().await.unwrap(), ["aaa", "bbb"]);
+            assert_eq!(fw.list_vms().await.unwrap(), ["id-aaa", "id-bbb"]);
             assert_eq!(fw.rules("aaa"), Some(a.clone()));
 
             fw.remove(&a).await.unwrap();
@@ -248,7 +251,7 @@ mod tests {
                     "apply aaa",
                     "apply aaa",
                     "apply bbb",
-                    "list_vm_chains",
+                    "list_vms",
                     "remove aaa",
                     "remove aaa",
                     "remove never",
@@ -263,15 +266,12 @@ mod tests {
         rt().block_on(async {
             let fw = FakeFirewall::new();
             fw.apply(&vm("aaa", "hth0", 2, &[8080])).await.unwrap();
-            for other in [
-                vm("bbb", "hth1", 6, &[8080]),
-                vm("bbb", "hth0", 6, &[]),
-                vm("bbb", "hth1", 2, &[]),
-            ] {
-                let err = fw.apply(&other).await.unwrap_err();
-                assert!(err.to_string().contains("File exists"), "{err}");
-                assert_eq!(fw.installed(), ["aaa"]);
-            }
+            let err = fw
+                .apply(&vm("bbb", "hth1", 6, &[9090, 8080]))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("File exists"), "{err}");
+            assert_eq!(fw.installed(), ["aaa"]);
         });
     }
 
@@ -291,10 +291,10 @@ mod tests {
             fw.fail_at(Some("remove"));
             fw.remove(&a).await.unwrap_err();
             assert_eq!(fw.installed(), ["aaa"]);
-            fw.fail_at(Some("list_vm_chains"));
-            fw.list_vm_chains().await.unwrap_err();
+            fw.fail_at(Some("list_vms"));
+            fw.list_vms().await.unwrap_err();
             fw.fail_at(Some("remove_orphan"));
-            fw.remove_orphan("aaa").await.unwrap_err();
+            fw.remove_orphan("id-aaa").await.unwrap_err();
             assert_eq!(fw.installed(), ["aaa"]);
             fw.fail_at(None);
             fw.remove(&a).await.unwrap();
@@ -303,22 +303,22 @@ mod tests {
     }
 
     #[test]
-    fn an_orphan_is_removed_by_its_short_id_alone() {
+    fn an_orphan_is_removed_by_its_vm_id_alone() {
         rt().block_on(async {
             let fw = FakeFirewall::new();
             fw.insert(vm("aaa", "hth0", 2, &[8080]));
             fw.insert(vm("bbb", "hth1", 6, &[]));
-            fw.remove_orphan("aaa").await.unwrap();
-            fw.remove_orphan("aaa").await.unwrap();
+            fw.remove_orphan("id-aaa").await.unwrap();
+            fw.remove_orphan("id-aaa").await.unwrap();
             assert_eq!(fw.installed(), ["bbb"]);
-            let err = fw.remove_orphan("a b").await.unwrap_err();
+            let err = fw.remove_orphan("a\"b").await.unwrap_err();
             assert!(matches!(err, FirewallError::Invalid { .. }), "{err:?}");
             assert_eq!(
                 fw.calls(),
                 [
-                    "remove_orphan aaa",
-                    "remove_orphan aaa",
-                    "remove_orphan a b"
+                    "remove_orphan id-aaa",
+                    "remove_orphan id-aaa",
+                    "remove_orphan a\"b"
                 ]
             );
         });

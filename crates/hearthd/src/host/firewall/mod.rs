@@ -2,12 +2,10 @@
 //! removed as one nftables transaction, sent over netlink.
 //!
 //! Everything lives in hearth's own table, `ip hearth` (never another
-//! table, never another table's policy). Base chains hook prerouting,
-//! output and postrouting (nat) and forward (filter); each dispatches
-//! through a verdict map keyed by the VM's tap, guest address or
-//! protocol/port to the VM's own chains, all named `vm-<shortid>…`. Adding
-//! or removing one VM is a handful of map elements and chains, so its cost
-//! does not grow with the number of VMs present.
+//! table, never another table's policy). Its chains and rules are fixed;
+//! a VM is a handful of elements in its sets (tap, guest address,
+//! forwarded ports), each marked `hearth:vm:<id>`, so adding or removing
+//! one VM costs the same however many VMs there are (see [`nft`]).
 
 pub mod fake;
 mod nfnl;
@@ -65,11 +63,12 @@ pub trait Firewall: Send + Sync + std::fmt::Debug {
     /// already gone is success.
     async fn remove(&self, rules: &VmRules) -> Result<(), FirewallError>;
 
-    /// Short ids of every per-VM chain present in hearth's table.
-    async fn list_vm_chains(&self) -> Result<Vec<String>, FirewallError>;
+    /// Ids of every VM with anything in hearth's table (by the
+    /// `hearth:vm:<id>` marks).
+    async fn list_vms(&self) -> Result<Vec<String>, FirewallError>;
 
-    /// Removes every chain of VM `short_id` and every map element that
-    /// jumps to one, in one transaction, without a record of its rules:
-    /// for orphans the store knows nothing about. Absent is success.
-    async fn remove_orphan(&self, short_id: &str) -> Result<(), FirewallError>;
+    /// Removes everything marked with VM `vm_id`, in one transaction,
+    /// without a record of its rules: for orphans the store knows nothing
+    /// about. Absent is success.
+    async fn remove_orphan(&self, vm_id: &str) -> Result<(), FirewallError>;
 }

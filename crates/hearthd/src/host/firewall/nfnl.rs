@@ -39,7 +39,6 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_MULTI: u16 = 0x2;
-const NLM_F_ECHO: u16 = 0x8;
 const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CREATE: u16 = 0x400;
@@ -60,7 +59,6 @@ pub enum Kind {
     NewTable = 0,
     NewChain = 3,
     GetChain = 4,
-    DelChain = 5,
     NewRule = 6,
     DelRule = 8,
     NewSet = 9,
@@ -84,9 +82,7 @@ pub mod attr {
 
     pub const RULE_TABLE: u16 = 1;
     pub const RULE_CHAIN: u16 = 2;
-    pub const RULE_HANDLE: u16 = 3;
     pub const RULE_EXPRESSIONS: u16 = 4;
-    pub const RULE_USERDATA: u16 = 7;
 
     pub const SET_TABLE: u16 = 1;
     pub const SET_NAME: u16 = 2;
@@ -111,7 +107,6 @@ pub mod attr {
     pub const DATA_VALUE: u16 = 1;
     pub const DATA_VERDICT: u16 = 2;
     pub const VERDICT_CODE: u16 = 1;
-    pub const VERDICT_CHAIN: u16 = 2;
 }
 
 /// A netlink attribute stream under construction.
@@ -202,12 +197,6 @@ impl Msg {
             what,
         }
     }
-
-    /// Asks the kernel to echo the object back (rule handles).
-    pub fn echo(mut self) -> Self {
-        self.flags |= NLM_F_ECHO;
-        self
-    }
 }
 
 /// Why a batch failed: the first message the kernel refused.
@@ -225,9 +214,6 @@ impl Refused {
         self.error.raw_os_error()
     }
 }
-
-/// What a committed batch echoed: (index of the message, its payload).
-pub type Echoes = Vec<(usize, Vec<u8>)>;
 
 /// One netlink message received: type, flags, sequence, payload after
 /// the `nfgenmsg` header (or the raw payload for errors).
@@ -312,7 +298,7 @@ impl NfSocket {
         sock.bind_auto()?;
         sock.set_ext_ack(true)?;
         sock.set_cap_ack(true)?;
-        // Room for large batches (a recovery's removals) and their echoes.
+        // Room for large batches (concurrent starts sent as one) and dumps.
         set_buffer(&sock, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 8 << 20);
         set_buffer(&sock, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
         Ok(Self {
@@ -328,11 +314,10 @@ impl NfSocket {
         s
     }
 
-    /// Sends `msgs` as one transaction. On success returns what the kernel
-    /// echoed for messages sent with [`Msg::echo`].
-    pub fn batch(&mut self, msgs: &[Msg]) -> Result<Echoes, Refused> {
+    /// Sends `msgs` as one transaction.
+    pub fn batch(&mut self, msgs: &[Msg]) -> Result<(), Refused> {
         if msgs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let count = u32::try_from(msgs.len()).unwrap_or(u32::MAX);
         let base = self.next_seq(count + 2);
@@ -370,7 +355,6 @@ impl NfSocket {
 
         // Everything was answered inside sendmsg: drain without blocking.
         let mut first_error: Option<Refused> = None;
-        let mut echoes = Vec::new();
         loop {
             let n = match self.sock.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
                 Ok(n) => n,
@@ -390,20 +374,17 @@ impl NfSocket {
                     Some(msg) => msg.what.clone(),
                     None => "commit".into(),
                 };
-                if m.ty == NLMSG_ERROR {
-                    if let Some(r) = parse_error(m.payload, m.flags, what())
-                        && first_error.is_none()
-                    {
-                        first_error = Some(r);
-                    }
-                } else if index >= 1 && index <= count && m.payload.len() >= 4 {
-                    echoes.push(((index - 1) as usize, m.payload[4..].to_vec()));
+                if m.ty == NLMSG_ERROR
+                    && first_error.is_none()
+                    && let Some(r) = parse_error(m.payload, m.flags, what())
+                {
+                    first_error = Some(r);
                 }
             }
         }
         match first_error {
             Some(e) => Err(e),
-            None => Ok(echoes),
+            None => Ok(()),
         }
     }
 
@@ -412,24 +393,13 @@ impl NfSocket {
     /// changed during the dump (`NLM_F_DUMP_INTR`).
     pub fn dump(&mut self, kind: Kind, attrs: &Attrs) -> Result<Vec<Vec<u8>>, Refused> {
         for _ in 0..10 {
-            let seq = self.next_seq(1);
-            let mut out = Vec::new();
-            push_msg(
-                &mut out,
-                (SUBSYS << 8) | kind as u16,
-                NLM_F_REQUEST | NLM_F_DUMP,
-                seq,
-                FAMILY_IP,
-                0,
-                &attrs.0,
-            );
+            let what = format!("dump {kind:?}");
             let fail = |error| Refused {
-                what: format!("dump {kind:?}"),
+                what: what.clone(),
                 error,
                 detail: None,
             };
-            self.drain_stale();
-            self.sock.send(&out, 0).map_err(fail)?;
+            let seq = self.request(kind, NLM_F_DUMP, attrs).map_err(fail)?;
             let mut objects = Vec::new();
             let mut interrupted = false;
             'recv: loop {
@@ -474,6 +444,61 @@ impl NfSocket {
             error: io::Error::from_raw_os_error(libc::EINTR),
             detail: Some("the ruleset kept changing during the dump".into()),
         })
+    }
+
+    /// Asks for specific objects (`GET*` without `NLM_F_DUMP`, with an
+    /// ack); returns each answer's attributes. Absent objects are refused
+    /// with ENOENT.
+    pub fn get(&mut self, kind: Kind, attrs: &Attrs) -> Result<Vec<Vec<u8>>, Refused> {
+        const NLM_F_ACK: u16 = 0x4;
+        let fail = |error| Refused {
+            what: format!("get {kind:?}"),
+            error,
+            detail: None,
+        };
+        let seq = self.request(kind, NLM_F_ACK, attrs).map_err(fail)?;
+        let mut objects = Vec::new();
+        loop {
+            let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(fail(e)),
+            };
+            for m in messages(&self.buf[..n]) {
+                if m.seq != seq {
+                    continue;
+                }
+                if m.ty == NLMSG_ERROR {
+                    // The ack (or the error) comes last.
+                    return match parse_error(m.payload, m.flags, format!("get {kind:?}")) {
+                        Some(r) => Err(r),
+                        None => Ok(objects),
+                    };
+                }
+                if m.payload.len() >= 4 {
+                    objects.push(m.payload[4..].to_vec());
+                }
+            }
+        }
+    }
+
+    /// Sends one `GET*` request of `kind` with `flags`; returns its
+    /// sequence number.
+    fn request(&mut self, kind: Kind, flags: u16, attrs: &Attrs) -> io::Result<u32> {
+        let seq = self.next_seq(1);
+        let mut out = Vec::new();
+        push_msg(
+            &mut out,
+            (SUBSYS << 8) | kind as u16,
+            NLM_F_REQUEST | flags,
+            seq,
+            FAMILY_IP,
+            0,
+            &attrs.0,
+        );
+        self.drain_stale();
+        self.sock.send(&out, 0)?;
+        Ok(seq)
     }
 
     /// Discards anything left on the socket (answers to an earlier batch
