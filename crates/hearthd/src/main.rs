@@ -2,6 +2,14 @@
 //! in-memory state from it (re-adopting live VMMs), then serves the API on
 //! a Unix socket. On SIGTERM or SIGINT it stops serving and exits, leaving
 //! every VM running (DESIGN.md, invariant 4).
+//!
+//! Memory (issue 6): glibc's allocator keeps what a burst of operations
+//! made resident. Each thread that allocates may get an arena of its own
+//! (up to eight per core, and the blocking pool grows to tens of threads
+//! under load), an arena is never unmapped, and `free` gives back only
+//! memory at the top of a heap: RSS stayed near the burst's peak for good.
+//! So hearthd caps malloc at two arenas and trims the heap once the daemon
+//! is quiet ([`trim_when_idle`]).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -177,6 +185,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config.poll_interval(),
     );
     let poller_task = poller.spawn();
+    #[cfg(target_env = "gnu")]
+    let trim_task = tokio::spawn(trim_when_idle(lifecycle.clone()));
     let listener = claim_socket(&config.socket).await?;
     tracing::info!(
         socket = %config.socket.display(),
@@ -201,11 +211,55 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("serve")?;
     poller_task.abort();
+    #[cfg(target_env = "gnu")]
+    trim_task.abort();
     let _ = std::fs::remove_file(&config.socket);
     Ok(())
 }
 
+/// How long the event log must stay quiet before [`trim_when_idle`] trims.
+#[cfg(target_env = "gnu")]
+const TRIM_AFTER_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Returns freed heap to the OS once per quiet spell: when no event has
+/// been committed for [`TRIM_AFTER_QUIET`] (every state change commits
+/// one), and once at start. Between spells it sleeps until the next event,
+/// so an idle daemon never wakes for it.
+#[cfg(target_env = "gnu")]
+async fn trim_when_idle(lifecycle: Arc<Lifecycle>) {
+    let mut events = lifecycle.store().subscribe_events();
+    loop {
+        while let Ok(changed) = tokio::time::timeout(TRIM_AFTER_QUIET, events.changed()).await {
+            if changed.is_err() {
+                return;
+            }
+        }
+        // Milliseconds after a burst: off the async workers.
+        let _ = tokio::task::spawn_blocking(|| {
+            let t = std::time::Instant::now();
+            // SAFETY: malloc_trim only gives free pages back to the
+            // kernel; it has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+            tracing::debug!(took_us = t.elapsed().as_micros() as u64, "heap trimmed");
+        })
+        .await;
+        if events.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Caps glibc malloc at two arenas (the module doc says why). Called
+/// before any thread starts.
+#[cfg(target_env = "gnu")]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+}
+
 fn main() -> std::process::ExitCode {
+    #[cfg(target_env = "gnu")]
+    limit_malloc_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

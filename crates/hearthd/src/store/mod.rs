@@ -14,6 +14,8 @@
 //! The connection lives behind a `std::sync::Mutex`: every statement is a
 //! few microseconds to a millisecond, far shorter than an async hop would
 //! save, and SQLite allows one writer anyway.
+//! Statements go through the connection's statement cache, sized to hold
+//! them all: each is parsed once, not at every VM operation.
 //!
 //! The event log is also a stream: after every committed event the store
 //! pokes a `tokio::sync::watch` channel ([`Store::subscribe_events`]) with
@@ -29,7 +31,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hearth_api::{Event, EventKind, Runtime, Vm, VmSpec, VmState};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Params, params};
 use uuid::Uuid;
 
 pub use migrations::SCHEMA_VERSION;
@@ -107,6 +109,22 @@ pub enum StoreError {
 
 fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { op, source }
+}
+
+/// `conn.execute`, through the connection's statement cache: SQLite parses
+/// each statement once, not at every call.
+fn exec(conn: &Connection, stmt: &str, params: impl Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(stmt)?.execute(params)
+}
+
+/// `conn.query_row`, through the statement cache.
+fn query_row<T>(
+    conn: &Connection,
+    stmt: &str,
+    params: impl Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(stmt)?.query_row(params, f)
 }
 
 /// One row of `vms`, as read. The JSON columns are kept as parse results so
@@ -240,6 +258,11 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Parsed statements the connection keeps: room for every one the store
+/// runs (about 25). rusqlite's default, 16, is fewer, and an LRU cache
+/// smaller than the set in use evicts, then re-parses, on every miss.
+const STATEMENT_CACHE: usize = 32;
+
 const ROW_COLUMNS: &str = "id, name, spec, state, generation, runtime, created_at, updated_at, last_error, ttl_deadline_ms";
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
@@ -295,6 +318,7 @@ impl Store {
             .map_err(sql("synchronous"))?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql("foreign_keys"))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrations::apply(&mut conn, path)?;
         let last_seq = conn
             .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
@@ -343,7 +367,8 @@ impl Store {
         reason: &str,
     ) -> Result<i64, StoreError> {
         let conn = self.conn();
-        conn.execute(
+        exec(
+            &conn,
             "INSERT INTO events (vm_id, at, from_state, to_state, generation, reason, kind)
              SELECT ?1, ?2, NULL, COALESCE(v.state, 'stopped'), COALESCE(v.generation, 0), ?3, ?4
              FROM (SELECT 1) LEFT JOIN vms v ON v.id = ?1",
@@ -395,7 +420,8 @@ impl Store {
             ttl.map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("begin"))?;
-        let inserted = tx.execute(
+        let inserted = exec(
+            &tx,
             "INSERT INTO vms (id, name, spec, state, generation, runtime, created_at, updated_at,
                               ttl_deadline_ms)
              VALUES (?1, ?2, ?3, 'created', 1, '{}', ?4, ?4, ?5)",
@@ -410,7 +436,8 @@ impl Store {
             }
             Err(e) => return Err(sql("insert vm")(e)),
         }
-        tx.execute(
+        exec(
+            &tx,
             "INSERT INTO events (vm_id, at, from_state, to_state, generation, reason)
              VALUES (?1, ?2, NULL, 'created', 1, 'create')",
             params![id.to_string(), now],
@@ -436,13 +463,12 @@ impl Store {
     /// Sets (or with `None` clears) VM `id`'s TTL deadline. Not a state
     /// change: no generation bump, no event.
     pub fn set_ttl(&self, id: Uuid, deadline_ms: Option<i64>) -> Result<(), StoreError> {
-        let changed = self
-            .conn()
-            .execute(
-                "UPDATE vms SET ttl_deadline_ms = ?1 WHERE id = ?2",
-                params![deadline_ms, id.to_string()],
-            )
-            .map_err(sql("set ttl"))?;
+        let changed = exec(
+            &self.conn(),
+            "UPDATE vms SET ttl_deadline_ms = ?1 WHERE id = ?2",
+            params![deadline_ms, id.to_string()],
+        )
+        .map_err(sql("set ttl"))?;
         if changed == 0 {
             return Err(StoreError::NotFound { id });
         }
@@ -452,39 +478,38 @@ impl Store {
     /// Clears VM `id`'s TTL if it still ends at `deadline_ms`; returns
     /// whether it did. A deadline set anew meanwhile is left alone.
     pub fn clear_ttl_if(&self, id: Uuid, deadline_ms: i64) -> Result<bool, StoreError> {
-        let changed = self
-            .conn()
-            .execute(
-                "UPDATE vms SET ttl_deadline_ms = NULL WHERE id = ?1 AND ttl_deadline_ms = ?2",
-                params![id.to_string(), deadline_ms],
-            )
-            .map_err(sql("clear ttl"))?;
+        let changed = exec(
+            &self.conn(),
+            "UPDATE vms SET ttl_deadline_ms = NULL WHERE id = ?1 AND ttl_deadline_ms = ?2",
+            params![id.to_string(), deadline_ms],
+        )
+        .map_err(sql("clear ttl"))?;
         Ok(changed == 1)
     }
 
     /// One VM by id.
     pub fn get(&self, id: Uuid) -> Result<VmRow, StoreError> {
-        self.conn()
-            .query_row(
-                &format!("SELECT {ROW_COLUMNS} FROM vms WHERE id = ?1"),
-                [id.to_string()],
-                read_row,
-            )
-            .optional()
-            .map_err(sql("get vm"))?
-            .ok_or(StoreError::NotFound { id })
+        query_row(
+            &self.conn(),
+            &format!("SELECT {ROW_COLUMNS} FROM vms WHERE id = ?1"),
+            [id.to_string()],
+            read_row,
+        )
+        .optional()
+        .map_err(sql("get vm"))?
+        .ok_or(StoreError::NotFound { id })
     }
 
     /// One VM by id or name.
     pub fn find(&self, id_or_name: &str) -> Result<Option<VmRow>, StoreError> {
-        self.conn()
-            .query_row(
-                &format!("SELECT {ROW_COLUMNS} FROM vms WHERE id = ?1 OR name = ?1"),
-                [id_or_name],
-                read_row,
-            )
-            .optional()
-            .map_err(sql("find vm"))
+        query_row(
+            &self.conn(),
+            &format!("SELECT {ROW_COLUMNS} FROM vms WHERE id = ?1 OR name = ?1"),
+            [id_or_name],
+            read_row,
+        )
+        .optional()
+        .map_err(sql("find vm"))
     }
 
     /// Every VM, oldest first.
@@ -523,28 +548,29 @@ impl Store {
         let next = expected + 1;
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("begin"))?;
-        let changed = tx
-            .execute(
-                "UPDATE vms SET state = ?1, generation = ?2, updated_at = ?3,
+        let changed = exec(
+            &tx,
+            "UPDATE vms SET state = ?1, generation = ?2, updated_at = ?3,
                         runtime = COALESCE(?4, runtime),
                         last_error = CASE WHEN ?5 THEN ?6 ELSE last_error END
                  WHERE id = ?7 AND generation = ?8",
-                params![
-                    t.to.as_str(),
-                    next as i64,
-                    now,
-                    runtime,
-                    t.last_error.is_some(),
-                    t.last_error.flatten(),
-                    id.to_string(),
-                    expected as i64
-                ],
-            )
-            .map_err(sql("update state"))?;
+            params![
+                t.to.as_str(),
+                next as i64,
+                now,
+                runtime,
+                t.last_error.is_some(),
+                t.last_error.flatten(),
+                id.to_string(),
+                expected as i64
+            ],
+        )
+        .map_err(sql("update state"))?;
         if changed == 0 {
             return Err(self.missing_or_stale(&tx, id, expected));
         }
-        tx.execute(
+        exec(
+            &tx,
             "INSERT INTO events (vm_id, at, from_state, to_state, generation, reason)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -571,12 +597,12 @@ impl Store {
             source,
         })?;
         let conn = self.conn();
-        let changed = conn
-            .execute(
-                "UPDATE vms SET runtime = ?1, updated_at = ?2 WHERE id = ?3 AND generation = ?4",
-                params![json, now_ms(), id.to_string(), expected as i64],
-            )
-            .map_err(sql("update runtime"))?;
+        let changed = exec(
+            &conn,
+            "UPDATE vms SET runtime = ?1, updated_at = ?2 WHERE id = ?3 AND generation = ?4",
+            params![json, now_ms(), id.to_string(), expected as i64],
+        )
+        .map_err(sql("update runtime"))?;
         if changed == 0 {
             return Err(self.missing_or_stale(&conn, id, expected));
         }
@@ -588,16 +614,17 @@ impl Store {
     pub fn delete_vm(&self, id: Uuid, expected: u64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("begin"))?;
-        let changed = tx
-            .execute(
-                "DELETE FROM vms WHERE id = ?1 AND generation = ?2",
-                params![id.to_string(), expected as i64],
-            )
-            .map_err(sql("delete vm"))?;
+        let changed = exec(
+            &tx,
+            "DELETE FROM vms WHERE id = ?1 AND generation = ?2",
+            params![id.to_string(), expected as i64],
+        )
+        .map_err(sql("delete vm"))?;
         if changed == 0 {
             return Err(self.missing_or_stale(&tx, id, expected));
         }
-        tx.execute(
+        exec(
+            &tx,
             "INSERT INTO events (vm_id, at, from_state, to_state, generation, reason)
              VALUES (?1, ?2, NULL, 'stopped', ?3, 'deleted')",
             params![id.to_string(), now_ms(), expected as i64],
@@ -610,11 +637,13 @@ impl Store {
     }
 
     fn missing_or_stale(&self, conn: &Connection, id: Uuid, expected: u64) -> StoreError {
-        let exists = conn
-            .query_row("SELECT 1 FROM vms WHERE id = ?1", [id.to_string()], |_| {
-                Ok(())
-            })
-            .optional();
+        let exists = query_row(
+            conn,
+            "SELECT 1 FROM vms WHERE id = ?1",
+            [id.to_string()],
+            |_| Ok(()),
+        )
+        .optional();
         match exists {
             Ok(Some(())) => StoreError::StaleGeneration { id, expected },
             Ok(None) => StoreError::NotFound { id },
@@ -674,14 +703,17 @@ impl Store {
         let vm = id.to_string();
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("begin"))?;
-        let held: Option<(String, i64)> = tx
-            .query_row("SELECT name, idx FROM taps WHERE vm_id = ?1", [&vm], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()
-            .map_err(sql("find tap"))?;
+        let held: Option<(String, i64)> = query_row(
+            &tx,
+            "SELECT name, idx FROM taps WHERE vm_id = ?1",
+            [&vm],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(sql("find tap"))?;
         let idle = || {
-            tx.query_row(
+            query_row(
+                &tx,
                 "SELECT name, idx FROM taps WHERE vm_id IS NULL ORDER BY idx LIMIT 1",
                 [],
                 |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
@@ -699,7 +731,8 @@ impl Store {
                         return Err(StoreError::PoolExhausted { capacity });
                     }
                     let name = tap_name(idx as u32);
-                    tx.execute(
+                    exec(
+                        &tx,
                         "INSERT INTO taps (name, idx, vm_id) VALUES (?1, ?2, NULL)",
                         params![name, idx],
                     )
@@ -708,7 +741,8 @@ impl Store {
                 }
             },
         };
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE taps SET vm_id = ?1 WHERE name = ?2",
             params![vm, name],
         )
@@ -718,12 +752,12 @@ impl Store {
             what: "runtime",
             source,
         })?;
-        let changed = tx
-            .execute(
-                "UPDATE vms SET runtime = ?1, updated_at = ?2 WHERE id = ?3 AND generation = ?4",
-                params![json, now_ms(), vm, expected as i64],
-            )
-            .map_err(sql("update runtime"))?;
+        let changed = exec(
+            &tx,
+            "UPDATE vms SET runtime = ?1, updated_at = ?2 WHERE id = ?3 AND generation = ?4",
+            params![json, now_ms(), vm, expected as i64],
+        )
+        .map_err(sql("update runtime"))?;
         if changed == 0 {
             return Err(self.missing_or_stale(&tx, id, expected));
         }
@@ -748,12 +782,12 @@ impl Store {
         })?;
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("begin"))?;
-        let changed = tx
-            .execute(
-                "UPDATE vms SET runtime = ?1, updated_at = ?2 WHERE id = ?3 AND generation = ?4",
-                params![json, now_ms(), id.to_string(), expected as i64],
-            )
-            .map_err(sql("update runtime"))?;
+        let changed = exec(
+            &tx,
+            "UPDATE vms SET runtime = ?1, updated_at = ?2 WHERE id = ?3 AND generation = ?4",
+            params![json, now_ms(), id.to_string(), expected as i64],
+        )
+        .map_err(sql("update runtime"))?;
         if changed == 0 {
             return Err(self.missing_or_stale(&tx, id, expected));
         }
@@ -762,8 +796,7 @@ impl Store {
         } else {
             "UPDATE taps SET vm_id = NULL WHERE name = ?1 AND vm_id = ?2"
         };
-        tx.execute(stmt, params![name, id.to_string()])
-            .map_err(sql("release tap"))?;
+        exec(&tx, stmt, params![name, id.to_string()]).map_err(sql("release tap"))?;
         tx.commit().map_err(sql("commit"))?;
         Ok(())
     }
@@ -778,7 +811,8 @@ impl Store {
             return Ok(None);
         }
         let name = tap_name(idx as u32);
-        tx.execute(
+        exec(
+            &tx,
             "INSERT INTO taps (name, idx, vm_id) VALUES (?1, ?2, NULL)",
             params![name, idx],
         )
@@ -789,9 +823,12 @@ impl Store {
 
     /// Deletes an idle tap's row (after its kernel tap is gone).
     pub fn delete_idle_tap(&self, name: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute("DELETE FROM taps WHERE name = ?1 AND vm_id IS NULL", [name])
-            .map_err(sql("delete tap"))?;
+        exec(
+            &self.conn(),
+            "DELETE FROM taps WHERE name = ?1 AND vm_id IS NULL",
+            [name],
+        )
+        .map_err(sql("delete tap"))?;
         Ok(())
     }
 
@@ -818,12 +855,14 @@ impl Store {
 
     /// How many taps are idle.
     pub fn idle_taps(&self) -> Result<u32, StoreError> {
-        self.conn()
-            .query_row("SELECT COUNT(*) FROM taps WHERE vm_id IS NULL", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map(|n| n as u32)
-            .map_err(sql("count idle taps"))
+        query_row(
+            &self.conn(),
+            "SELECT COUNT(*) FROM taps WHERE vm_id IS NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n as u32)
+        .map_err(sql("count idle taps"))
     }
 
     /// `PRAGMA integrity_check`: `Ok(())` or the problems SQLite lists.
@@ -851,7 +890,8 @@ impl Store {
 
 /// The lowest tap index no row uses.
 fn next_free_idx(conn: &Connection) -> Result<i64, StoreError> {
-    conn.query_row(
+    query_row(
+        conn,
         "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM taps WHERE idx = 0) THEN 0 ELSE
             (SELECT MIN(t.idx) + 1 FROM taps t
              WHERE NOT EXISTS (SELECT 1 FROM taps u WHERE u.idx = t.idx + 1)) END",

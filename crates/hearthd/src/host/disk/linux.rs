@@ -185,6 +185,10 @@ fn copy_range(
             }
         }
     }
+    if pos == end {
+        // copy_file_range did it all: no bounce buffer (1 MiB, zeroed).
+        return Ok(());
+    }
     let mut buf = vec![0u8; RW_BUF];
     while pos < end {
         let want = usize::try_from((end - pos).min(RW_BUF as u64)).unwrap_or(RW_BUF);
