@@ -40,6 +40,13 @@
 //! `configure_tap` twice leaves exactly the same state as running it once.
 //! The explicit flushes that follow catch what a down does not remove
 //! (IPv4 addresses, entries added while the link was down).
+//!
+//! Taps carry IPv4 only (guests get their address from `ip=`; hearth's
+//! table is `ip`), so `create_tap` turns IPv6 off on each: no link-local
+//! address, no IPv6 routes. Besides being tidier, it keeps the kernel's
+//! IPv6 route tree from growing by three routes per tap, and every link
+//! up, down or delete walks that tree (perf at 1,000 VMs: `fib6_clean_all`
+//! under `addrconf_notify`, a sixth of hearthd's CPU).
 
 use std::collections::HashMap;
 use std::io;
@@ -739,6 +746,31 @@ impl LinuxNet {
     }
 }
 
+/// Writes sysctl `key` (dotted, as `sysctl` names it).
+fn write_sysctl(key: &str, value: &str) -> Result<(), NetError> {
+    let path = sysctl_path(key)?;
+    validate_sysctl_value(key, value)?;
+    let sys = |source| NetError::Sysctl {
+        key: key.to_owned(),
+        source,
+    };
+    // No O_CREAT or O_TRUNC: a sysctl exists or it does not.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(sys)?;
+    io::Write::write_all(&mut file, value.as_bytes()).map_err(sys)
+}
+
+/// Turns IPv6 off on tap `name` (module doc): no link-local address, no
+/// routes. A kernel without IPv6 has no such sysctl, which is fine.
+fn disable_ipv6(name: &str) -> Result<(), NetError> {
+    match write_sysctl(&format!("net.ipv6.conf.{name}.disable_ipv6"), "1") {
+        Err(NetError::Sysctl { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 #[async_trait]
 impl NetHost for LinuxNet {
     async fn create_tap(&self, name: &str) -> Result<(), NetError> {
@@ -747,9 +779,10 @@ impl NetHost for LinuxNet {
         let _serial = self.serial.lock().await;
         validate_tap_name(name)?;
         match tun_create_persistent(name)? {
-            Ok(()) => Ok(()),
-            Err(refusal) => self.explain_refusal(name, refusal).await,
+            Ok(()) => {}
+            Err(refusal) => self.explain_refusal(name, refusal).await?,
         }
+        disable_ipv6(name)
     }
 
     async fn configure_tap(
@@ -945,18 +978,7 @@ impl NetHost for LinuxNet {
     }
 
     fn set_sysctl(&self, key: &str, value: &str) -> Result<(), NetError> {
-        let path = sysctl_path(key)?;
-        validate_sysctl_value(key, value)?;
-        let sys = |source| NetError::Sysctl {
-            key: key.to_owned(),
-            source,
-        };
-        // No O_CREAT or O_TRUNC: a sysctl exists or it does not.
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(sys)?;
-        io::Write::write_all(&mut file, value.as_bytes()).map_err(sys)
+        write_sysctl(key, value)
     }
 
     fn get_sysctl(&self, key: &str) -> Result<String, NetError> {
@@ -1091,6 +1113,9 @@ mod tests {
             assert_eq!(info["vnet_hdr"], true, "{l}");
             assert_eq!(info["persist"], true, "{l}");
             assert!(!is_up(&ns, tap));
+            // IPv4 only: no IPv6 address or route will ever be on it.
+            let v6 = format!("net.ipv6.conf.{tap}.disable_ipv6");
+            assert_eq!(net.get_sysctl(&v6).unwrap(), "1");
 
             net.configure_tap(tap, A, 30).await.unwrap();
             assert_eq!(addrs(&ns, tap), ["172.16.0.1/30"]);
@@ -1118,7 +1143,21 @@ mod tests {
                 ],
             );
             ip(&ns, &["route", "add", "10.99.0.0/24", "dev", tap]);
-            ip(&ns, &["addr", "add", "fd00:99::1/64", "dev", tap, "nodad"]);
+            // IPv6 is off on the tap: nobody can leave an address there.
+            let v6 = Command::new("ip")
+                .args([
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    "fd00:99::1/64",
+                    "dev",
+                    tap,
+                    "nodad",
+                ])
+                .output()
+                .unwrap();
+            assert!(!v6.status.success(), "an IPv6 address went onto {tap}");
             assert_eq!(neighbours(&ns, tap), ["172.16.0.2"]);
             assert!(routes_via(&ns, tap).contains(&"10.99.0.0/24".to_owned()));
             net.configure_tap(tap, B, 30).await.unwrap();
