@@ -357,12 +357,21 @@ impl Bench<'_> {
                     rate,
                     lat,
                     cpu_per_cycle,
+                    own_cpu_per_cycle,
                     busy,
                 } = result?;
                 if let Some(cpu) = cpu_per_cycle.filter(|&c| c > 0.0) {
                     self.report.add(
                         &format!("throughput.c{clients}.cpu"),
                         &format!("CPU per cycle, {clients} client(s) (hearthd + VMM)"),
+                        "ms",
+                        cpu,
+                    );
+                }
+                if let Some(cpu) = own_cpu_per_cycle.filter(|&c| c > 0.0) {
+                    self.report.add(
+                        &format!("throughput.c{clients}.cpu_hearthd"),
+                        &format!("  of which hearthd itself, {clients} client(s)"),
                         "ms",
                         cpu,
                     );
@@ -402,7 +411,7 @@ impl Bench<'_> {
         let lat = Arc::new(Mutex::new(Vec::with_capacity(cycles)));
         let phase = format!("throughput, {clients} clients");
         let pid = self.daemon_pid()?;
-        let (cpu0, busy0) = (tree_cpu_ms(pid), machine_ticks());
+        let (cpu0, own0, busy0) = (tree_cpu_ms(pid), own_cpu_ms(pid), machine_ticks());
         let t = Instant::now();
         let mut set = JoinSet::new();
         for _ in 0..clients {
@@ -465,7 +474,7 @@ impl Bench<'_> {
             r.context("client task")??;
         }
         let elapsed = t.elapsed().as_secs_f64();
-        let (cpu1, busy1) = (tree_cpu_ms(pid), machine_ticks());
+        let (cpu1, own1, busy1) = (tree_cpu_ms(pid), own_cpu_ms(pid), machine_ticks());
         let lat = std::mem::take(&mut *lat.lock().unwrap_or_else(|p| p.into_inner()));
         if lat.is_empty() {
             bail!("every one of {cycles} cycles with {clients} clients failed");
@@ -474,6 +483,7 @@ impl Bench<'_> {
         Ok(Cycles {
             rate: n / elapsed,
             cpu_per_cycle: cpu0.zip(cpu1).map(|(a, b)| (b - a) / n),
+            own_cpu_per_cycle: own0.zip(own1).map(|(a, b)| (b - a) / n),
             busy: busy0
                 .zip(busy1)
                 .map(|((b0, t0), (b1, t1))| 100.0 * (b1 - b0) / (t1 - t0).max(1.0)),
@@ -1140,6 +1150,8 @@ struct Cycles {
     lat: Vec<f64>,
     /// CPU (ms) hearthd and its reaped children (the VMMs) used per cycle.
     cpu_per_cycle: Option<f64>,
+    /// CPU (ms) hearthd alone used per cycle.
+    own_cpu_per_cycle: Option<f64>,
     /// How busy all of the machine's cores were (%).
     busy: Option<f64>,
 }
@@ -1150,12 +1162,23 @@ struct Cycles {
 /// reports these in USER_HZ, which is 100 on every architecture hearth
 /// runs on.
 fn tree_cpu_ms(pid: u32) -> Option<f64> {
+    stat_cpu_ms(pid, 4)
+}
+
+/// CPU time (ms) `pid` used itself (`utime + stime`).
+fn own_cpu_ms(pid: u32) -> Option<f64> {
+    stat_cpu_ms(pid, 2)
+}
+
+/// The sum of the first `n` of `/proc/<pid>/stat`'s fields 14–17
+/// (utime, stime, cutime, cstime), in ms.
+fn stat_cpu_ms(pid: u32, n: usize) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &text[text.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_ascii_whitespace().collect();
-    // `rest` starts at field 3; fields 14 to 17 are utime..cstime.
+    // `rest` starts at field 3, so field 14 is at 11.
     let ticks: f64 = f
-        .get(11..15)?
+        .get(11..11 + n)?
         .iter()
         .filter_map(|v| v.parse::<f64>().ok())
         .sum();
