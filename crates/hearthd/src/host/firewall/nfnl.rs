@@ -8,11 +8,11 @@
 //! of a batch and one non-blocking drain of the answers.
 //!
 //! Why not a crate: `rustables` is GPL-3.0 (hearth is Apache-2.0), `nftnl`
-//! binds the GPL libnftnl, and the pure-Rust alternatives are early and lack
-//! verdict maps. The wire format is small and stable (`linux/netfilter/
-//! nf_tables.h`); the encodings here were checked against what
-//! `nft --debug=netlink,mnl` 1.0.6 sends for the same rules, and the tests
-//! of [`super::nft`] read every object back through `nft -j list`.
+//! binds the GPL libnftnl, and the pure-Rust alternatives are early-stage.
+//! The wire format is small and stable (`linux/netfilter/nf_tables.h`);
+//! the encodings here were checked against what `nft --debug=netlink,mnl`
+//! 1.0.6 sends for the same rules, and the tests of [`super::nft`] read
+//! every object back through `nft list` and `nft --debug=netlink list`.
 //!
 //! # Batches and errors
 //!
