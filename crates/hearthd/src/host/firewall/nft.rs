@@ -1665,67 +1665,6 @@ add element ip hearth dnat_taps { "hth2" comment "hearth:vm:0190-cd34" }
         assert_eq!(sorted(ours.1), sorted(theirs.1));
     }
 
-    /// By hand: `HEARTH_TIMING_OTHERS=1000 cargo test --release -p hearthd
-    /// --lib nft::tests::timing -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "a measurement, not a test"]
-    fn timing() {
-        in_ns("fw-timing", || async {
-            let fw = Nft::new();
-            // A VM with a unique tap, guest address and host port.
-            let unique = |tag: &str, i: u32| {
-                let mut v = vm(
-                    &format!("{tag}{i}"),
-                    &format!("h{tag}{i}"),
-                    2,
-                    true,
-                    &[(10_000 + i as u16, Proto::Tcp, 80)],
-                );
-                v.guest_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 8, 0, 2)) + 4 * i);
-                v
-            };
-            let others: u32 = std::env::var("HEARTH_TIMING_OTHERS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            for i in 0..others {
-                fw.apply(&unique("o", 200 + i)).await.unwrap();
-            }
-            let vms: Vec<VmRules> = (0..200).map(|i| unique("t", i)).collect();
-            let (mut apply, mut remove) = (Vec::new(), Vec::new());
-            for v in &vms {
-                let t = std::time::Instant::now();
-                fw.apply(v).await.unwrap();
-                apply.push(t.elapsed().as_secs_f64() * 1e3);
-                let t = std::time::Instant::now();
-                fw.remove(v).await.unwrap();
-                remove.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            for (name, mut v) in [("apply", apply), ("remove", remove)] {
-                v.sort_by(f64::total_cmp);
-                eprintln!(
-                    "{others} others, {name}: p50 {:.3} p90 {:.3} max {:.3} ms",
-                    v[v.len() / 2],
-                    v[v.len() * 9 / 10],
-                    v[v.len() - 1]
-                );
-            }
-            let t = std::time::Instant::now();
-            let r = futures_util::future::join_all(vms.iter().map(|v| fw.apply(v))).await;
-            assert!(r.iter().all(Result::is_ok));
-            eprintln!(
-                "200 concurrent applies: {:.1} ms",
-                t.elapsed().as_secs_f64() * 1e3
-            );
-            let t = std::time::Instant::now();
-            futures_util::future::join_all(vms.iter().map(|v| fw.remove(v))).await;
-            eprintln!(
-                "200 concurrent removals: {:.1} ms",
-                t.elapsed().as_secs_f64() * 1e3
-            );
-        });
-    }
-
     #[test]
     fn keys_print_as_nft_prints_them_and_comments_read_back() {
         let plan = VmPlan::new(&vm("aaa", "hth1", 2, true, &[(8080, Proto::Udp, 53)]));

@@ -1545,36 +1545,6 @@ mod tests {
         });
     }
 
-    /// Not a timed assertion: prints how long deleting taps takes, 200 all
-    /// at once and 1,000 with 64 in flight (recovery's shape):
-    /// `cargo test -p hearthd --lib -- --ignored --nocapture delete_timing`.
-    #[test]
-    #[ignore = "timing, run by hand"]
-    fn delete_timing() {
-        use futures_util::StreamExt;
-
-        with_net("deltime", |net, _ns| async move {
-            for (count, in_flight) in [(200, 200), (1000, 64)] {
-                let names: Vec<String> = (0..count).map(|i| format!("hthdt{i}")).collect();
-                for n in &names {
-                    net.create_tap(n).await.unwrap();
-                }
-                let start = std::time::Instant::now();
-                let results: Vec<_> =
-                    futures_util::stream::iter(names.iter().map(|n| net.delete_link(n)))
-                        .buffer_unordered(in_flight)
-                        .collect()
-                        .await;
-                let took = start.elapsed();
-                for r in results {
-                    r.unwrap();
-                }
-                assert!(net.list_links("hth").await.unwrap().is_empty());
-                eprintln!("{count} delete_link, {in_flight} in flight: {took:?}");
-            }
-        });
-    }
-
     #[test]
     fn new_outside_a_runtime_is_an_error() {
         let err = LinuxNet::new().unwrap_err();
