@@ -108,7 +108,7 @@ pub struct PortForward {
 /// record *before* it is applied; removal is driven by this record alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRules {
-    /// The VM's short id: its chains are `vm-<short_id>…`.
+    /// The VM's short id (validated; the firewall marks by `vm_id`).
     pub short_id: String,
     /// The VM's full id, for `hearth:vm:<id>` comments.
     pub vm_id: String,
@@ -183,7 +183,7 @@ pub struct Runtime {
     /// The firewall rules, recorded before they are applied.
     #[serde(default)]
     pub firewall: Option<VmRules>,
-    /// What the firewall reported installing (chains, rule handles).
+    /// What the firewall reported installing (one line per nft element).
     #[serde(default)]
     pub firewall_handles: Vec<String>,
     /// The writable root disk.
@@ -411,8 +411,7 @@ pub struct Orphan {
 
 /// The VM's short id: the last 12 hex digits of its UUID (UUIDv7's random
 /// bits), deterministic and short enough for every kernel name limit. It
-/// names the VM's nft chains (`vm-<shortid>…`) and dm device
-/// (`hearth-<shortid>`).
+/// names the VM's dm device (`hearth-<shortid>`).
 pub fn short_id(id: &Uuid) -> String {
     let hex = id.simple().to_string();
     hex[hex.len() - 12..].to_owned()

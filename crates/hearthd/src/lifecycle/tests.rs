@@ -350,7 +350,7 @@ async fn corrupt_runtime_is_an_error_vm_that_kill_still_cleans() {
     ));
     assert_eq!(e.l.recover().await.unwrap().corrupt, 1);
     // Kill finds the VMM by its derived API socket path, the tap through
-    // the pool, and the chains by the VM's short id.
+    // the pool, and the firewall's elements by the VM id in their marks.
     let vm = e.l.kill("bad").await.unwrap();
     assert_eq!(vm.state, VmState::Stopped);
     assert!(!e.procs.live().contains(&pid));

@@ -53,10 +53,10 @@ pub enum FirewallError {
 /// The firewall operations lifecycle needs.
 #[async_trait]
 pub trait Firewall: Send + Sync + std::fmt::Debug {
-    /// Adds all of `rules` (and hearth's table, base chains and maps if
+    /// Adds all of `rules` (and hearth's table, chains, sets and rules if
     /// missing) in one transaction: afterwards either all of the VM's
-    /// rules exist or none do. Returns a short description of what was
-    /// installed (chain names and rule handles) for `hearth inspect`.
+    /// elements exist or none do. Returns a short description of what was
+    /// installed (one line per element) for `hearth inspect`.
     async fn apply(&self, rules: &VmRules) -> Result<Vec<String>, FirewallError>;
 
     /// Removes everything `rules` installed, in one transaction. What is
