@@ -356,10 +356,9 @@ impl NfSocket {
         // Everything was answered inside sendmsg: drain without blocking.
         let mut first_error: Option<Refused> = None;
         loop {
-            let n = match self.sock.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
+            let n = match self.recv(libc::MSG_DONTWAIT) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     first_error.get_or_insert(refused("read answers".into(), e));
                     break;
@@ -392,22 +391,18 @@ impl NfSocket {
     /// `attrs`; returns each answer's attributes. Retries when the ruleset
     /// changed during the dump (`NLM_F_DUMP_INTR`).
     pub fn dump(&mut self, kind: Kind, attrs: &Attrs) -> Result<Vec<Vec<u8>>, Refused> {
+        let what = format!("dump {kind:?}");
+        let fail = |error| Refused {
+            what: what.clone(),
+            error,
+            detail: None,
+        };
         for _ in 0..10 {
-            let what = format!("dump {kind:?}");
-            let fail = |error| Refused {
-                what: what.clone(),
-                error,
-                detail: None,
-            };
             let seq = self.request(kind, NLM_F_DUMP, attrs).map_err(fail)?;
             let mut objects = Vec::new();
             let mut interrupted = false;
             'recv: loop {
-                let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(fail(e)),
-                };
+                let n = self.recv(0).map_err(fail)?;
                 for m in messages(&self.buf[..n]) {
                     if m.seq != seq {
                         continue;
@@ -416,9 +411,7 @@ impl NfSocket {
                     match m.ty {
                         NLMSG_DONE => break 'recv,
                         NLMSG_ERROR => {
-                            if let Some(r) =
-                                parse_error(m.payload, m.flags, format!("dump {kind:?}"))
-                            {
+                            if let Some(r) = parse_error(m.payload, m.flags, what.clone()) {
                                 // The table or set is not there: nothing to list.
                                 if r.errno() == Some(libc::ENOENT) {
                                     return Ok(Vec::new());
@@ -440,7 +433,7 @@ impl NfSocket {
             }
         }
         Err(Refused {
-            what: format!("dump {kind:?}"),
+            what,
             error: io::Error::from_raw_os_error(libc::EINTR),
             detail: Some("the ruleset kept changing during the dump".into()),
         })
@@ -459,11 +452,7 @@ impl NfSocket {
         let seq = self.request(kind, NLM_F_ACK, attrs).map_err(fail)?;
         let mut objects = Vec::new();
         loop {
-            let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(fail(e)),
-            };
+            let n = self.recv(0).map_err(fail)?;
             for m in messages(&self.buf[..n]) {
                 if m.seq != seq {
                     continue;
@@ -501,11 +490,22 @@ impl NfSocket {
         Ok(seq)
     }
 
+    /// One datagram into `buf` (`recv` with `flags`), retried when a
+    /// signal interrupts it; its length.
+    fn recv(&mut self, flags: libc::c_int) -> io::Result<usize> {
+        loop {
+            match self.sock.recv(&mut &mut self.buf[..], flags) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
     /// Discards anything left on the socket (answers to an earlier batch
     /// that arrived late cannot happen, but a stray one must not be read
     /// as this batch's).
     fn drain_stale(&mut self) {
-        while let Ok(n) = self.sock.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
+        while let Ok(n) = self.recv(libc::MSG_DONTWAIT) {
             if n == 0 {
                 break;
             }
