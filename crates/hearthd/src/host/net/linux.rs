@@ -35,11 +35,12 @@
 //!   delete is a batch of one and is still one `RTM_DELLINK` by name.
 //!
 //! `configure_tap` and `reset_tap` first set an up link down: the kernel
-//! then drops the link's routes, neighbours and IPv6 addresses itself, and
-//! bringing it up again regenerates the IPv6 link-local address, so running
-//! `configure_tap` twice leaves exactly the same state as running it once.
-//! The explicit flushes that follow catch what a down does not remove
-//! (IPv4 addresses, entries added while the link was down).
+//! then drops the link's routes, neighbours and IPv6 addresses itself, so
+//! running `configure_tap` twice leaves exactly the same state as running
+//! it once. The explicit flushes that follow catch what a down does not
+//! remove (IPv4 addresses, entries added while the link was down; the IPv6
+//! route flush still matters for a tap made before IPv6 was turned off on
+//! taps, below).
 //!
 //! Taps carry IPv4 only (guests get their address from `ip=`; hearth's
 //! table is `ip`), so `create_tap` turns IPv6 off on each: no link-local
