@@ -1,36 +1,41 @@
-//! Start, as a journal of steps. Each step records what it is about to
-//! create in the VM's runtime record first, then creates it:
+//! Start, as a journal of steps. What a step will create is in the VM's
+//! runtime record before the step runs; steps whose objects hearth names
+//! itself are recorded together, in one store write, so a start costs
+//! three writes, not one per step:
 //!
 //! ```text
-//!  1. state → starting, runtime.vm_dir          (store)   then mkdir
-//!  2. runtime.api_socket, logs, metrics paths   (store)   then remove a stale
-//!                                                          socket, create files
-//!  3. spawn the VMM in its own session                     then runtime.pid +
-//!                                                          start time (store)
-//!  4. tap reserved in the pool + runtime.tap,
-//!     addresses, MAC (one store transaction)              then create the tap,
-//!                                                          flush and address it
-//!  5. runtime.disk (copy: the file; dm: link,
-//!     cow file, each loop's backing file, the
-//!     dm name)                                 (store)   then copy / attach /
-//!                                                          create, recording
-//!                                                          each loop device
-//!  6. runtime.firewall = the VM's rules         (store)   then one nftables
-//!                                                          transaction
+//!  1. state → starting; runtime.vm_dir, api_socket,
+//!     logs, metrics paths                       (store)   then mkdir, remove
+//!                                                          a stale socket,
+//!                                                          create the files
+//!  2. spawn the VMM in its own session (found by the API socket on its
+//!     command line until its pid is recorded)
+//!  3. runtime.pid + start time, the tap reserved
+//!     in the pool + runtime.tap, addresses, MAC,
+//!     runtime.disk (copy: the file; dm: link and
+//!     cow file), runtime.firewall = the VM's
+//!     rules                  (one store transaction)   then
+//!  4.   create the tap, flush and address it
+//!  5.   copy the disk (dm: attach each loop, recording its
+//!       backing file before and the device after, then the dm device)
+//!  6.   one nftables transaction
 //!  7. PUT /logger, /metrics, /machine-config, /boot-source, /drives/rootfs,
 //!     /network-interfaces/eth0 (the tap must still exist)
 //!  8. PUT /actions InstanceStart
-//!  9. state → running                            (store)   then watch the pid
+//!  9. state → running (with what nftables installed, for inspect)
+//!                                                (store)   then watch the pid
 //! ```
 //!
-//! The VMM is spawned before the host side is made so that its start-up
-//! (exec, binding the API socket: a few ms) overlaps steps 4–6 instead of
-//! adding to them; it needs the tap and disk only at the PUTs in 7.
+//! Recording ahead is safe because teardown treats "already gone" (or
+//! "never made") as success: a record may name more than exists, never
+//! less. The VMM is spawned before the host side is made so that its
+//! start-up (exec, binding the API socket: a few ms) overlaps steps 4–6
+//! instead of adding to them; it needs the tap and disk only at the PUTs.
 //!
 //! A failure anywhere runs the one teardown routine over whatever the
-//! record names, then records state `error` with the cause. Between 3's
-//! spawn and its store write the pid is unknown, but the API socket path
-//! on the VMM's command line was recorded in 2, so teardown finds it.
+//! record names, then records state `error` with the cause. Between 2's
+//! spawn and 3's store write the pid is unknown, but the API socket path
+//! on the VMM's command line was recorded in 1, so teardown finds it.
 
 use std::path::PathBuf;
 
@@ -87,8 +92,13 @@ impl Lifecycle {
                 })?;
         }
         let paths = VmPaths::new(&self.config, id);
+        // The dir and every file in it are named before any is made.
         rt = Runtime {
             vm_dir: Some(paths.dir.clone()),
+            api_socket: Some(paths.api_socket.clone()),
+            console_log: Some(paths.console_log.clone()),
+            vmm_log: Some(paths.vmm_log.clone()),
+            metrics_path: Some(paths.metrics.clone()),
             ..Runtime::default()
         };
         generation = self.store.transition(
@@ -174,17 +184,26 @@ impl Lifecycle {
         paths: &VmPaths,
         rt: &mut Runtime,
     ) -> Result<(), StepError> {
-        // 1. The VM dir (recorded by the `starting` transition).
+        // The firewall plan, but for the tap and guest address the
+        // reservation below fills in: a plan the host cannot serve fails
+        // here, before anything is made.
+        let mut plan = VmRules {
+            short_id: short_id(&id),
+            vm_id: id.to_string(),
+            tap: String::new(),
+            guest_ip: std::net::Ipv4Addr::UNSPECIFIED,
+            nat_uplink: None,
+            port_forwards: Vec::new(),
+        };
+        let caps = crate::capability::parse_all(&spec.capabilities).map_err(StepError::Plan)?;
+        for cap in &caps {
+            cap.setup(&self.host_net, &mut plan)
+                .map_err(StepError::Plan)?;
+        }
+
+        // 1–2. The VM dir and files (named by the `starting` transition).
         failpoint::check("start.after_starting")?;
         std::fs::create_dir_all(&paths.dir).map_err(io("create VM dir", &paths.dir))?;
-
-        // 2. Files, recorded first.
-        rt.api_socket = Some(paths.api_socket.clone());
-        rt.console_log = Some(paths.console_log.clone());
-        rt.vmm_log = Some(paths.vmm_log.clone());
-        rt.metrics_path = Some(paths.metrics.clone());
-        self.store.set_runtime(id, generation, rt)?;
-        failpoint::check("start.after_files_recorded")?;
         match std::fs::remove_file(&paths.api_socket) {
             Ok(()) => {
                 tracing::info!(socket = %paths.api_socket.display(), "removed a stale API socket")
@@ -212,13 +231,13 @@ impl Lifecycle {
         failpoint::check("start.after_spawn")?;
         rt.pid = Some(pid);
         rt.pid_start_time = Some(start_time);
-        self.store.set_runtime(id, generation, rt)?;
-        failpoint::check("start.after_pid_recorded")?;
 
-        // 4. The tap: reserved in the pool in the same transaction that
-        //    names it (and its addresses) in the runtime, then made.
+        // 4–6, recorded: in one transaction, the pid, the tap reserved in
+        //    the pool with its addresses, the disk's files and the firewall
+        //    plan. Then each is made.
         let pool = self.config.pool();
         let mac = mac_for(id);
+        rt.disk = Some(self.disk_record(spec, paths));
         let (tap, _) = self
             .store
             .reserve_tap(id, generation, pool.slots(), |name, idx| {
@@ -228,6 +247,9 @@ impl Lifecycle {
                 rt.guest_ip = Some(guest);
                 rt.prefix_len = Some(TAP_PREFIX_LEN);
                 rt.mac = Some(mac.clone());
+                plan.tap = name.to_owned();
+                plan.guest_ip = guest;
+                rt.firewall = (!plan.is_empty()).then(|| plan.clone());
                 rt.clone()
             })?;
         let (host_ip, guest_ip) = match (rt.host_ip, rt.guest_ip) {
@@ -246,20 +268,8 @@ impl Lifecycle {
         let drive = self.prepare_disk(id, generation, spec, paths, rt).await?;
         failpoint::check("start.after_disk_made")?;
 
-        // 6. Firewall: the plan is recorded, then applied in one transaction.
-        let mut plan = VmRules {
-            short_id: short_id(&id),
-            vm_id: id.to_string(),
-            tap: tap.clone(),
-            guest_ip,
-            nat_uplink: None,
-            port_forwards: Vec::new(),
-        };
-        let caps = crate::capability::parse_all(&spec.capabilities).map_err(StepError::Plan)?;
-        for cap in &caps {
-            cap.setup(&self.host_net, &mut plan)
-                .map_err(StepError::Plan)?;
-        }
+        // 6. Firewall: the recorded plan, applied in one transaction. What
+        //    it installed is kept for `inspect` (with the `running` write).
         // Loopback-sourced connections DNATed to the guest must be allowed
         // to leave through the tap.
         let localnet = if plan.port_forwards.is_empty() {
@@ -271,12 +281,8 @@ impl Lifecycle {
             .set_sysctl(&format!("net.ipv4.conf.{tap}.route_localnet"), localnet)?;
         if !plan.is_empty() {
             self.enable_forwarding()?;
-            rt.firewall = Some(plan.clone());
-            self.store.set_runtime(id, generation, rt)?;
-            failpoint::check("start.after_firewall_recorded")?;
             rt.firewall_handles = self.firewall.apply(&plan).await?;
             failpoint::check("start.after_firewall_applied")?;
-            self.store.set_runtime(id, generation, rt)?;
         }
 
         // 7–8. Configure and boot.
@@ -356,20 +362,10 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Makes (or, after a stop, re-attaches) the VM's writable root disk;
-    /// returns what Firecracker gets as its root drive.
-    async fn prepare_disk(
-        &self,
-        id: Uuid,
-        generation: u64,
-        spec: &VmSpec,
-        paths: &VmPaths,
-        rt: &mut Runtime,
-    ) -> Result<PathBuf, StepError> {
-        // The files the disk is made of are recorded first, whichever way
-        // it is made.
-        let dm = self.disk_strategy == DiskStrategy::DmSnapshot;
-        rt.disk = Some(if dm {
+    /// The files the VM's disk is made of, whichever way it is made:
+    /// recorded before any is.
+    fn disk_record(&self, spec: &VmSpec, paths: &VmPaths) -> DiskRecord {
+        if self.disk_strategy == DiskStrategy::DmSnapshot {
             DiskRecord {
                 strategy: "dm-snapshot".into(),
                 image: spec.rootfs.clone(),
@@ -385,9 +381,19 @@ impl Lifecycle {
                 copy_file: Some(paths.rootfs_copy.clone()),
                 ..DiskRecord::default()
             }
-        });
-        self.store.set_runtime(id, generation, rt)?;
-        failpoint::check("start.after_disk_recorded")?;
+        }
+    }
+
+    /// Makes (or, after a stop, re-attaches) the VM's writable root disk
+    /// named by `rt.disk`; returns what Firecracker gets as its root drive.
+    async fn prepare_disk(
+        &self,
+        id: Uuid,
+        generation: u64,
+        spec: &VmSpec,
+        paths: &VmPaths,
+        rt: &mut Runtime,
+    ) -> Result<PathBuf, StepError> {
         match self.disk_strategy {
             DiskStrategy::DmSnapshot => self.prepare_dm(id, generation, spec, paths, rt).await,
             DiskStrategy::Copy | DiskStrategy::Auto => {
@@ -398,17 +404,22 @@ impl Lifecycle {
                 if !file.exists() {
                     let tmp = paths.dir.join("rootfs.img.partial");
                     let disk = self.disk.clone();
-                    let (src, dst) = (spec.rootfs.clone(), tmp.clone());
-                    let _ = std::fs::remove_file(&tmp);
-                    let kind = tokio::task::spawn_blocking(move || disk.copy_image(&src, &dst))
-                        .await
-                        .map_err(|e| StepError::Plan(format!("copy task failed: {e}")))??;
-                    // Durable before it gets its final name: a power loss
-                    // must not leave a half-written disk under that name.
-                    std::fs::File::open(&tmp)
-                        .and_then(|f| f.sync_all())
-                        .map_err(io("sync root disk", &tmp))?;
-                    std::fs::rename(&tmp, &file).map_err(io("rename root disk", &file))?;
+                    let (src, dst) = (spec.rootfs.clone(), file.clone());
+                    // Copy, sync and rename wait on the disk: off the async
+                    // workers, all three.
+                    let kind = tokio::task::spawn_blocking(move || {
+                        let _ = std::fs::remove_file(&tmp);
+                        let kind = disk.copy_image(&src, &tmp)?;
+                        // Durable before it gets its final name: a power loss
+                        // must not leave a half-written disk under that name.
+                        std::fs::File::open(&tmp)
+                            .and_then(|f| f.sync_all())
+                            .map_err(io("sync root disk", &tmp))?;
+                        std::fs::rename(&tmp, &dst).map_err(io("rename root disk", &dst))?;
+                        Ok::<_, StepError>(kind)
+                    })
+                    .await
+                    .map_err(|e| StepError::Plan(format!("copy task failed: {e}")))??;
                     tracing::debug!(?kind, disk = %file.display(), "root disk copied");
                 }
                 Ok(file)

@@ -5,20 +5,22 @@
 //! Teardown is driven by the runtime record alone, removes the VMM first
 //! (it holds the tap and the disk), then the rest in the reverse order of
 //! the start journal (firewall, dm, loops, tap, files), treats "already
-//! gone" as success,
-//! clears each field only after its object is confirmed gone (persisting
-//! the record as it goes), and never stops at the first error: it tries
-//! every step and reports all failures together.
+//! gone" as success, clears each field only after its object is confirmed
+//! gone, and never stops at the first error: it tries every step and
+//! reports all failures together. The record is written once, at the end,
+//! with the tap given back to the pool and the teardown's event in the
+//! same transaction: until then it names more than exists, which the next
+//! teardown (after a crash, say) finds already gone.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hearth_api::{EventKind, Runtime, Vm, VmState};
+use hearth_api::{Runtime, Vm, VmState};
 use uuid::Uuid;
 
 use super::{Lifecycle, LifecycleError, VmPaths, error_chain, holds_resources};
 use crate::failpoint;
-use crate::store::{Transition, VmRow};
+use crate::store::{TapRelease, Transition, VmRow};
 use crate::vmm::ApiCall;
 
 /// Passes a failpoint inside teardown: an injected error ends the teardown
@@ -41,52 +43,58 @@ fn remove_file(path: &std::path::Path) -> Result<(), String> {
 }
 
 impl Lifecycle {
-    /// Removes everything `rt` names, clearing each field (and persisting
-    /// the record at generation `generation`) once its object is gone. Returns
-    /// every failure; what failed stays named in `rt`. When it removed
-    /// something or failed, one `teardown` event says what.
+    /// Removes everything `rt` names, clearing each field once its object
+    /// is gone, then records the result at generation `generation` in one
+    /// store write: the runtime, the tap back in the pool, and (when it
+    /// removed something or failed) one `teardown` event saying what.
+    /// Returns every failure; what failed stays named in `rt`.
     pub(super) async fn teardown(
         &self,
         id: Uuid,
         generation: u64,
         rt: &mut Runtime,
     ) -> Result<(), Vec<String>> {
+        let before = rt.clone();
         let mut removed = Vec::new();
-        let result = self.teardown_steps(id, generation, rt, &mut removed).await;
-        self.record_teardown(id, &removed, result.as_ref().err());
-        result
-    }
-
-    /// The event (and, on failure, the metric) for one teardown. Never
-    /// fails the teardown: the log line says what could not be recorded.
-    fn record_teardown(&self, id: Uuid, removed: &[String], errors: Option<&Vec<String>>) {
-        if errors.is_some() {
-            self.metrics.teardown_failed();
-        }
+        let mut release = None;
+        let mut result = self.teardown_steps(rt, &mut removed, &mut release).await;
         let mut summary = Vec::new();
         if !removed.is_empty() {
             summary.push(format!("removed {}", removed.join(", ")));
         }
-        if let Some(errors) = errors {
+        if let Err(errors) = &result {
             summary.push(format!("failed: {}", errors.join("; ")));
         }
-        if summary.is_empty() {
-            return;
+        let note = (!summary.is_empty()).then(|| summary.join("; "));
+        if *rt != before || release.is_some() || note.is_some() {
+            let release = release.as_ref().map(|(name, delete_row)| TapRelease {
+                name,
+                delete_row: *delete_row,
+            });
+            if let Err(e) = self
+                .store
+                .end_teardown(id, generation, rt, release, note.as_deref())
+            {
+                let e = error_chain(&e).join(": ");
+                tracing::warn!(vm = %id, error = %e, "cannot record the teardown");
+                if let Err(errors) = &mut result {
+                    errors.push(e);
+                } else {
+                    result = Err(vec![e]);
+                }
+            }
         }
-        if let Err(e) = self
-            .store
-            .append_event(id, EventKind::Teardown, &summary.join("; "))
-        {
-            tracing::warn!(vm = %id, error = %error_chain(&e).join(": "), "cannot record the teardown event");
+        if result.is_err() {
+            self.metrics.teardown_failed();
         }
+        result
     }
 
     async fn teardown_steps(
         &self,
-        id: Uuid,
-        generation: u64,
         rt: &mut Runtime,
         removed: &mut Vec<String>,
+        release: &mut Option<(String, bool)>,
     ) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
 
@@ -108,13 +116,9 @@ impl Lifecycle {
             }
         }
         fp!("teardown.after_kill", errors);
-        if process_gone && (rt.pid.is_some() || rt.pid_start_time.is_some()) {
+        if process_gone {
             rt.pid = None;
             rt.pid_start_time = None;
-            if let Err(e) = self.store.set_runtime(id, generation, rt) {
-                errors.push(error_chain(&e).join(": "));
-            }
-            fp!("teardown.after_pid_cleared", errors);
         }
 
         // Every kernel object below may still be in use by a live VMM:
@@ -122,12 +126,6 @@ impl Lifecycle {
         if !process_gone {
             return Err(errors);
         }
-
-        let persist = |rt: &Runtime, errors: &mut Vec<String>| {
-            if let Err(e) = self.store.set_runtime(id, generation, rt) {
-                errors.push(error_chain(&e).join(": "));
-            }
-        };
 
         // Firewall: the recorded plan, removed in one transaction.
         if let Some(plan) = &rt.firewall {
@@ -137,8 +135,6 @@ impl Lifecycle {
                     fp!("teardown.after_firewall_removed", errors);
                     rt.firewall = None;
                     rt.firewall_handles.clear();
-                    persist(rt, &mut errors);
-                    fp!("teardown.after_firewall_cleared", errors);
                 }
                 Err(e) => errors.push(error_chain(&e).join(": ")),
             }
@@ -154,13 +150,11 @@ impl Lifecycle {
             if gone {
                 rt.disk = None;
             }
-            persist(rt, &mut errors);
-            fp!("teardown.after_disk_cleared", errors);
         }
 
         // The tap: back to the idle pool (cleared), or deleted when the
-        // pool has enough idle taps. The store forgets it only once the
-        // kernel side is done.
+        // pool has enough idle taps. The store gives it back (with the
+        // final write) only once the kernel side is done.
         if let Some(tap) = rt.tap.clone() {
             let keep = self
                 .store
@@ -184,10 +178,7 @@ impl Lifecycle {
                     rt.guest_ip = None;
                     rt.prefix_len = None;
                     rt.mac = None;
-                    if let Err(e) = self.store.release_tap(id, generation, &tap, !keep, rt) {
-                        errors.push(error_chain(&e).join(": "));
-                    }
-                    fp!("teardown.after_tap_released", errors);
+                    *release = Some((tap, !keep));
                 }
                 Err(e) => errors.push(error_chain(&e).join(": ")),
             }
@@ -196,22 +187,15 @@ impl Lifecycle {
         // Files the VMM used. The socket is the key that finds the VMM,
         // so it went only now that the VMM is known to be gone. Console
         // and VMM logs stay for `hearth logs` until the VM is deleted.
-        let mut changed = false;
         for field in [&mut rt.api_socket, &mut rt.metrics_path] {
             if let Some(path) = field.as_deref() {
                 match remove_file(path) {
-                    Ok(()) => {
-                        *field = None;
-                        changed = true;
-                    }
+                    Ok(()) => *field = None,
                     Err(e) => errors.push(e),
                 }
             }
         }
         fp!("teardown.after_files_removed", errors);
-        if changed {
-            persist(rt, &mut errors);
-        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -531,7 +515,15 @@ impl Lifecycle {
                 })?;
         }
         let dir = VmPaths::new(&self.config, row.id).dir;
-        match std::fs::remove_dir_all(&dir) {
+        // Unlinking a disk image waits on the device (a discard, when the
+        // filesystem is mounted with it): off the async workers.
+        let removed = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
+        match removed {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {

@@ -127,6 +127,27 @@ fn query_row<T>(
     conn.prepare_cached(stmt)?.query_row(params, f)
 }
 
+/// Appends a note (an event that is not a state change: a teardown's or
+/// the sweep's action) to VM `vm_id`'s log, stamped with the VM's current
+/// state and generation, or `stopped` at generation 0 when it has no row.
+/// Returns its seq.
+fn insert_note(
+    conn: &Connection,
+    vm_id: Uuid,
+    kind: EventKind,
+    reason: &str,
+) -> Result<i64, StoreError> {
+    exec(
+        conn,
+        "INSERT INTO events (vm_id, at, from_state, to_state, generation, reason, kind)
+         SELECT ?1, ?2, NULL, COALESCE(v.state, 'stopped'), COALESCE(v.generation, 0), ?3, ?4
+         FROM (SELECT 1) LEFT JOIN vms v ON v.id = ?1",
+        params![vm_id.to_string(), now_ms(), reason, kind.as_str()],
+    )
+    .map_err(sql("append event"))?;
+    Ok(conn.last_insert_rowid())
+}
+
 /// One row of `vms`, as read. The JSON columns are kept as parse results so
 /// that one corrupt row never stops the daemon: such a VM is reported in
 /// state `error` with the parse error, and the others work.
@@ -214,6 +235,15 @@ pub struct Transition<'a> {
     pub last_error: Option<Option<&'a str>>,
     /// Why, for the event log.
     pub reason: &'a str,
+}
+
+/// A tap a teardown gives back to the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct TapRelease<'a> {
+    /// The tap (`hth<idx>`).
+    pub name: &'a str,
+    /// Whether its row goes too: only once the kernel tap is gone.
+    pub delete_row: bool,
 }
 
 /// A tap of the pool.
@@ -366,16 +396,7 @@ impl Store {
         kind: EventKind,
         reason: &str,
     ) -> Result<i64, StoreError> {
-        let conn = self.conn();
-        exec(
-            &conn,
-            "INSERT INTO events (vm_id, at, from_state, to_state, generation, reason, kind)
-             SELECT ?1, ?2, NULL, COALESCE(v.state, 'stopped'), COALESCE(v.generation, 0), ?3, ?4
-             FROM (SELECT 1) LEFT JOIN vms v ON v.id = ?1",
-            params![vm_id.to_string(), now_ms(), reason, kind.as_str()],
-        )
-        .map_err(sql("append event"))?;
-        let seq = conn.last_insert_rowid();
+        let seq = insert_note(&self.conn(), vm_id, kind, reason)?;
         self.announce(seq);
         Ok(seq)
     }
@@ -765,16 +786,17 @@ impl Store {
         Ok((name, idx as u32))
     }
 
-    /// Gives VM `id`'s tap `name` back to the pool and stores `rt` (which no
-    /// longer names it), in one transaction. With `delete_row` the row goes
-    /// too: only once the kernel tap is gone.
-    pub fn release_tap(
+    /// The end of a teardown of VM `id`, in one transaction guarded by its
+    /// generation: the runtime `rt` (which no longer names what is gone),
+    /// the tap given back to the pool (`release`), and the teardown's event
+    /// (`note`, when there is one).
+    pub fn end_teardown(
         &self,
         id: Uuid,
         expected: u64,
-        name: &str,
-        delete_row: bool,
         rt: &Runtime,
+        release: Option<TapRelease<'_>>,
+        note: Option<&str>,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(rt).map_err(|source| StoreError::Encode {
             what: "runtime",
@@ -791,13 +813,21 @@ impl Store {
         if changed == 0 {
             return Err(self.missing_or_stale(&tx, id, expected));
         }
-        let stmt = if delete_row {
-            "DELETE FROM taps WHERE name = ?1 AND (vm_id = ?2 OR vm_id IS NULL)"
-        } else {
-            "UPDATE taps SET vm_id = NULL WHERE name = ?1 AND vm_id = ?2"
-        };
-        exec(&tx, stmt, params![name, id.to_string()]).map_err(sql("release tap"))?;
+        if let Some(TapRelease { name, delete_row }) = release {
+            let stmt = if delete_row {
+                "DELETE FROM taps WHERE name = ?1 AND (vm_id = ?2 OR vm_id IS NULL)"
+            } else {
+                "UPDATE taps SET vm_id = NULL WHERE name = ?1 AND vm_id = ?2"
+            };
+            exec(&tx, stmt, params![name, id.to_string()]).map_err(sql("release tap"))?;
+        }
+        let seq = note
+            .map(|reason| insert_note(&tx, id, EventKind::Teardown, reason))
+            .transpose()?;
         tx.commit().map_err(sql("commit"))?;
+        if let Some(seq) = seq {
+            self.announce(seq);
+        }
         Ok(())
     }
 

@@ -181,16 +181,29 @@ fn tap_pool_reserve_release_reuse() {
     assert_eq!(s.reserve_tap(a, 1, 4, fill).unwrap().0, "hth0");
     let (tb, _) = s.reserve_tap(b, 1, 4, fill).unwrap();
     assert_eq!(tb, "hth1");
-    // Release a's: it becomes idle and is handed to the next VM.
-    s.release_tap(a, 1, "hth0", false, &Runtime::default())
-        .unwrap();
+    // Release a's: it becomes idle and is handed to the next VM; the
+    // teardown's event is written with it.
+    let release = |name, delete_row| Some(TapRelease { name, delete_row });
+    let seq = s.last_event_seq();
+    s.end_teardown(
+        a,
+        1,
+        &Runtime::default(),
+        release("hth0", false),
+        Some("removed tap hth0"),
+    )
+    .unwrap();
     assert_eq!(s.idle_taps().unwrap(), 1);
     assert!(s.get(a).unwrap().runtime.unwrap().tap.is_none());
+    let events = s.events(Some(a), seq, 10).unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, EventKind::Teardown);
+    assert_eq!(events[0].reason, "removed tap hth0");
     let c = Uuid::now_v7();
     s.insert_vm(c, "c", &spec()).unwrap();
     assert_eq!(s.reserve_tap(c, 1, 4, fill).unwrap().0, "hth0");
     // Deleting a row frees its index for a new tap.
-    s.release_tap(b, 1, "hth1", true, &Runtime::default())
+    s.end_teardown(b, 1, &Runtime::default(), release("hth1", true), None)
         .unwrap();
     assert_eq!(s.taps().unwrap().len(), 1);
     assert_eq!(s.reserve_tap(b, 1, 4, fill).unwrap().0, "hth1");
