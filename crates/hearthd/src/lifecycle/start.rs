@@ -14,7 +14,7 @@
 //!     in the pool + runtime.tap, addresses, MAC,
 //!     runtime.disk (copy: the file; dm: link and
 //!     cow file), runtime.firewall = the VM's
-//!     rules                  (one store transaction)   then
+//!     rules                  (one store transaction)   then, side by side:
 //!  4.   create the tap, flush and address it
 //!  5.   copy the disk (dm: attach each loop, recording its
 //!       backing file before and the device after, then the dm device)
@@ -257,33 +257,49 @@ impl Lifecycle {
             _ => return Err(StepError::Plan("tap reserved without addresses".into())),
         };
         failpoint::check("start.after_tap_reserved")?;
-        self.net.create_tap(&tap).await?;
-        failpoint::check("start.after_tap_created")?;
-        self.net
-            .configure_tap(&tap, host_ip, TAP_PREFIX_LEN)
-            .await?;
-        failpoint::check("start.after_tap_configured")?;
 
-        // 5. The root disk.
-        let drive = self.prepare_disk(id, generation, spec, paths, rt).await?;
-        failpoint::check("start.after_disk_made")?;
-
-        // 6. Firewall: the recorded plan, applied in one transaction. What
-        //    it installed is kept for `inspect` (with the `running` write).
-        // Loopback-sourced connections DNATed to the guest must be allowed
-        // to leave through the tap.
-        let localnet = if plan.port_forwards.is_empty() {
-            "0"
-        } else {
-            "1"
+        // 4–6 are independent of each other once recorded: made side by
+        // side, so a start waits for the slowest (the disk's fsync, under
+        // load), not for their sum. A failure in one still lets the others
+        // finish before teardown runs over everything recorded.
+        let tap_side = async {
+            self.net.create_tap(&tap).await?;
+            failpoint::check("start.after_tap_created")?;
+            self.net
+                .configure_tap(&tap, host_ip, TAP_PREFIX_LEN)
+                .await?;
+            failpoint::check("start.after_tap_configured")?;
+            // Loopback-sourced connections DNATed to the guest must be
+            // allowed to leave through the tap.
+            let localnet = if plan.port_forwards.is_empty() {
+                "0"
+            } else {
+                "1"
+            };
+            self.net
+                .set_sysctl(&format!("net.ipv4.conf.{tap}.route_localnet"), localnet)?;
+            Ok::<_, StepError>(())
         };
-        self.net
-            .set_sysctl(&format!("net.ipv4.conf.{tap}.route_localnet"), localnet)?;
-        if !plan.is_empty() {
+        let disk_side = async {
+            let drive = self.prepare_disk(id, generation, spec, paths, rt).await?;
+            failpoint::check("start.after_disk_made")?;
+            Ok::<_, StepError>(drive)
+        };
+        // What nftables installed is kept for `inspect` (with the
+        // `running` write).
+        let firewall_side = async {
+            if plan.is_empty() {
+                return Ok(Vec::new());
+            }
             self.enable_forwarding()?;
-            rt.firewall_handles = self.firewall.apply(&plan).await?;
+            let installed = self.firewall.apply(&plan).await?;
             failpoint::check("start.after_firewall_applied")?;
-        }
+            Ok::<_, StepError>(installed)
+        };
+        let (made_tap, drive, installed) = tokio::join!(tap_side, disk_side, firewall_side);
+        made_tap?;
+        let drive = drive?;
+        rt.firewall_handles = installed?;
 
         // 7–8. Configure and boot.
         let procs = self.procs.clone();
