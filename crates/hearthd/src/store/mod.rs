@@ -920,11 +920,17 @@ impl Store {
 
 /// The lowest tap index no row uses.
 fn next_free_idx(conn: &Connection) -> Result<i64, StoreError> {
+    // Indexes are dense (0..n) but for the gaps deletes leave: then the
+    // next is n, from the count and the index's last entry, without the
+    // probe per row the gap search costs (1,000 of them at 1,000 VMs).
     query_row(
         conn,
-        "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM taps WHERE idx = 0) THEN 0 ELSE
-            (SELECT MIN(t.idx) + 1 FROM taps t
-             WHERE NOT EXISTS (SELECT 1 FROM taps u WHERE u.idx = t.idx + 1)) END",
+        "SELECT CASE
+            WHEN (SELECT COUNT(*) FROM taps) = (SELECT COALESCE(MAX(idx), -1) + 1 FROM taps)
+                THEN (SELECT COUNT(*) FROM taps)
+            WHEN NOT EXISTS (SELECT 1 FROM taps WHERE idx = 0) THEN 0
+            ELSE (SELECT MIN(t.idx) + 1 FROM taps t
+                  WHERE NOT EXISTS (SELECT 1 FROM taps u WHERE u.idx = t.idx + 1)) END",
         [],
         |r| r.get(0),
     )

@@ -329,3 +329,20 @@ async fn every_committed_event_pokes_the_notifier() {
     let s = Store::open(&dir.path().join("hearth.db")).unwrap();
     assert_eq!(s.last_event_seq(), last);
 }
+
+#[test]
+fn new_taps_take_the_lowest_free_index_whether_or_not_there_are_gaps() {
+    let (_d, s) = open();
+    let add = || s.add_idle_tap(100).unwrap().unwrap();
+    // Dense: each new tap comes after the last.
+    assert_eq!(
+        [add(), add(), add(), add()],
+        ["hth0", "hth1", "hth2", "hth3"]
+    );
+    // Gaps, at the start and in the middle: the lowest is filled first.
+    s.delete_idle_tap("hth0").unwrap();
+    s.delete_idle_tap("hth2").unwrap();
+    assert_eq!([add(), add(), add()], ["hth0", "hth2", "hth4"]);
+    // The capacity still bounds it.
+    assert_eq!(s.add_idle_tap(5).unwrap(), None);
+}
