@@ -96,6 +96,35 @@ fn say(t0: Instant, msg: &str) {
     eprintln!("[{:7.1}s] {msg}", t0.elapsed().as_secs_f64());
 }
 
+/// Lets what the machine still does for the last phase finish before the
+/// next is measured: writes back dirty pages (the last phase's disk
+/// copies, which the kernel would otherwise flush in the middle of the
+/// next) and waits, up to 10 s, for a quarter second in which the machine
+/// is under 10 % busy (deferred kernel work: deleted taps, discards of
+/// deleted files). Each phase then measures its own work, on a quiet
+/// machine, as a benchmark should.
+async fn quiet(t0: Instant, next: &str) {
+    let t = Instant::now();
+    let _ = tokio::task::spawn_blocking(rustix::fs::sync).await;
+    loop {
+        let before = machine_ticks();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let busy = before
+            .zip(machine_ticks())
+            .map(|((b0, t0), (b1, t1))| 100.0 * (b1 - b0) / (t1 - t0).max(1.0));
+        if busy.is_none_or(|b| b < 10.0) || t.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+    }
+    say(
+        t0,
+        &format!(
+            "machine quiet for {next} after {:.1} s",
+            t.elapsed().as_secs_f64()
+        ),
+    );
+}
+
 /// The bench's state across phases.
 pub struct Bench<'a> {
     env: &'a Env,
@@ -153,15 +182,18 @@ pub async fn run(env: &Env, plan: Plan, t0: Instant) -> anyhow::Result<Report> {
     };
     say(t0, &format!("hearthd up in namespace {}", env.netns));
     if b.plan.phases.start {
+        quiet(t0, "start").await;
         b.start_phase().await?;
     }
     if b.plan.phases.throughput {
         b.throughput_phase().await?;
     }
     if b.plan.phases.scale {
+        quiet(t0, "scale").await;
         b.scale_phase().await?;
     }
     if b.plan.phases.recovery {
+        quiet(t0, "recovery").await;
         b.recovery_phase().await?;
     }
     b.drain().await?;
@@ -341,6 +373,7 @@ impl Bench<'_> {
     /// Phase 3: full cycles per second at each concurrency.
     async fn throughput_phase(&mut self) -> anyhow::Result<()> {
         for (clients, cycles) in self.plan.tp.clone() {
+            quiet(self.t0, &format!("throughput, {clients} clients")).await;
             say(
                 self.t0,
                 &format!(
@@ -667,8 +700,10 @@ impl Bench<'_> {
             check_abort()?;
             say(self.t0, &format!("scale: filling to {level} running VMs"));
             self.fill(level).await?;
-            // Let the fill's last watchers and log writes settle.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Let the fill's last watchers, log writes and disk copies
+            // settle: measured is a start on a host with that many VMs,
+            // not one in the wake of starting them.
+            quiet(self.t0, &format!("scale, {level} VMs")).await;
             for _ in 0..self.plan.scale_reps {
                 check_abort()?;
                 let name = self.hearth.create().await?;
