@@ -717,6 +717,29 @@ impl Conn {
     }
 }
 
+/// Link `name`'s index, or `None` if there is none: `if_nametoindex`, one
+/// ioctl in the calling thread's namespace (as the tap calls), which asks
+/// nothing of a netlink connection. Start checks the tap this way right
+/// before the VMM opens it.
+fn link_index(name: &str) -> Result<Option<u32>, NetError> {
+    let c = std::ffi::CString::new(name).map_err(|_| NetError::Invalid {
+        what: "link name",
+        reason: format!("{name:?} contains a NUL byte"),
+    })?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call's length.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENODEV) {
+                Ok(None)
+            } else {
+                Err(tap_err("if_nametoindex", name, err))
+            }
+        }
+        index => Ok(Some(index)),
+    }
+}
+
 /// Writes sysctl `key` (dotted, as `sysctl` names it).
 fn write_sysctl(key: &str, value: &str) -> Result<(), NetError> {
     let path = sysctl_path(key)?;
@@ -860,11 +883,8 @@ impl NetHost for Conn {
     }
 
     async fn link_exists(&self, name: &str) -> Result<bool, NetError> {
-        // One netlink exchange at a time: concurrent dumps on the one
-        // socket make the kernel answer EBUSY or drop replies (ENOBUFS).
-        let _serial = self.serial.lock().await;
         validate_ifname(name)?;
-        Ok(self.find_link(name).await?.is_some())
+        link_index(name).map(|i| i.is_some())
     }
 
     async fn list_links(&self, prefix: &str) -> Result<Vec<String>, NetError> {
@@ -1029,7 +1049,8 @@ impl NetHost for LinuxNet {
     }
 
     async fn link_exists(&self, name: &str) -> Result<bool, NetError> {
-        self.conn(name).link_exists(name).await
+        // An ioctl: no connection is used.
+        self.first().link_exists(name).await
     }
 
     async fn list_links(&self, prefix: &str) -> Result<Vec<String>, NetError> {
