@@ -3,8 +3,8 @@
 //! and recovery at daemon start (DESIGN.md, invariant 2).
 //!
 //! Teardown is driven by the runtime record alone, removes the VMM first
-//! (it holds the tap and the disk), then the rest in the reverse order of
-//! the start journal (firewall, dm, loops, tap, files), treats "already
+//! (it holds the tap and the disk), then the rest (firewall and tap side
+//! by side, then dm, loops, files), treats "already
 //! gone" as success, clears each field only after its object is confirmed
 //! gone, and never stops at the first error: it tries every step and
 //! reports all failures together. The record is written once, at the end,
@@ -127,17 +127,64 @@ impl Lifecycle {
             return Err(errors);
         }
 
-        // Firewall: the recorded plan, removed in one transaction.
-        if let Some(plan) = &rt.firewall {
-            match self.firewall.remove(plan).await {
-                Ok(()) => {
-                    removed.push(format!("firewall vm-{}", plan.short_id));
-                    fp!("teardown.after_firewall_removed", errors);
-                    rt.firewall = None;
-                    rt.firewall_handles.clear();
-                }
-                Err(e) => errors.push(error_chain(&e).join(": ")),
+        // Firewall and tap share nothing (the elements name the tap as a
+        // string): removed side by side, each result then applied in
+        // order. The firewall: the recorded plan, in one transaction. The
+        // tap: back to the idle pool (cleared), or deleted when the pool
+        // has enough idle taps; the store gives it back (with the final
+        // write) only once the kernel side is done.
+        let firewall_side = async {
+            match &rt.firewall {
+                Some(plan) => Some(
+                    self.firewall
+                        .remove(plan)
+                        .await
+                        .map(|()| plan.short_id.clone()),
+                ),
+                None => None,
             }
+        };
+        let tap_side = async {
+            let tap = rt.tap.clone()?;
+            let keep = self
+                .store
+                .idle_taps()
+                .is_ok_and(|n| n < self.config.tap_pool_idle_max);
+            let done = if keep {
+                self.net.reset_tap(&tap).await
+            } else {
+                self.net.delete_link(&tap).await
+            };
+            Some((tap, keep, done))
+        };
+        let (firewall_done, tap_done) = tokio::join!(firewall_side, tap_side);
+        match firewall_done {
+            Some(Ok(short_id)) => {
+                removed.push(format!("firewall vm-{short_id}"));
+                fp!("teardown.after_firewall_removed", errors);
+                rt.firewall = None;
+                rt.firewall_handles.clear();
+            }
+            Some(Err(e)) => errors.push(error_chain(&e).join(": ")),
+            None => {}
+        }
+        match tap_done {
+            Some((tap, keep, Ok(()))) => {
+                fp!("teardown.after_tap_reset", errors);
+                removed.push(if keep {
+                    format!("tap {tap} (back to the pool)")
+                } else {
+                    format!("tap {tap}")
+                });
+                rt.tap = None;
+                rt.host_ip = None;
+                rt.guest_ip = None;
+                rt.prefix_len = None;
+                rt.mac = None;
+                *release = Some((tap, !keep));
+            }
+            Some((_, _, Err(e))) => errors.push(error_chain(&e).join(": ")),
+            None => {}
         }
 
         // Disk: dm before loops. The copy and cow files are the VM's disk
@@ -149,38 +196,6 @@ impl Lifecycle {
             fp!("teardown.after_disk_removed", errors);
             if gone {
                 rt.disk = None;
-            }
-        }
-
-        // The tap: back to the idle pool (cleared), or deleted when the
-        // pool has enough idle taps. The store gives it back (with the
-        // final write) only once the kernel side is done.
-        if let Some(tap) = rt.tap.clone() {
-            let keep = self
-                .store
-                .idle_taps()
-                .is_ok_and(|n| n < self.config.tap_pool_idle_max);
-            let done = if keep {
-                self.net.reset_tap(&tap).await
-            } else {
-                self.net.delete_link(&tap).await
-            };
-            match done {
-                Ok(()) => {
-                    fp!("teardown.after_tap_reset", errors);
-                    removed.push(if keep {
-                        format!("tap {tap} (back to the pool)")
-                    } else {
-                        format!("tap {tap}")
-                    });
-                    rt.tap = None;
-                    rt.host_ip = None;
-                    rt.guest_ip = None;
-                    rt.prefix_len = None;
-                    rt.mac = None;
-                    *release = Some((tap, !keep));
-                }
-                Err(e) => errors.push(error_chain(&e).join(": ")),
             }
         }
 
