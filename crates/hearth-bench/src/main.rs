@@ -136,6 +136,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         levels,
         scale_reps: args.reps.unwrap_or(if quick { 3 } else { 20 }).max(1),
         nft_reps: if quick { 3 } else { 50 },
+        scale_bare_reps: if quick { 3 } else { 10 },
         recovery_reps: if quick { 1 } else { 3 },
         phases,
     })

@@ -52,6 +52,8 @@ pub struct Plan {
     pub scale_reps: usize,
     /// nft transactions timed at each level.
     pub nft_reps: usize,
+    /// Bare starts timed at each level.
+    pub scale_bare_reps: usize,
     /// Live-recovery repetitions.
     pub recovery_reps: usize,
     /// Which phases run.
@@ -392,7 +394,16 @@ impl Bench<'_> {
                     cpu_per_cycle,
                     own_cpu_per_cycle,
                     busy,
+                    steal,
                 } = result?;
+                if let Some(steal) = steal {
+                    self.report.add(
+                        &format!("throughput.c{clients}.steal"),
+                        &format!("  CPU stolen by the hypervisor, {clients} client(s)"),
+                        "%",
+                        steal,
+                    );
+                }
                 if let Some(cpu) = cpu_per_cycle.filter(|&c| c > 0.0) {
                     self.report.add(
                         &format!("throughput.c{clients}.cpu"),
@@ -445,6 +456,7 @@ impl Bench<'_> {
         let phase = format!("throughput, {clients} clients");
         let pid = self.daemon_pid()?;
         let (cpu0, own0, busy0) = (tree_cpu_ms(pid), own_cpu_ms(pid), machine_ticks());
+        let steal0 = machine_steal();
         let t = Instant::now();
         let mut set = JoinSet::new();
         for _ in 0..clients {
@@ -508,6 +520,7 @@ impl Bench<'_> {
         }
         let elapsed = t.elapsed().as_secs_f64();
         let (cpu1, own1, busy1) = (tree_cpu_ms(pid), own_cpu_ms(pid), machine_ticks());
+        let steal = steal_since(steal0);
         let lat = std::mem::take(&mut *lat.lock().unwrap_or_else(|p| p.into_inner()));
         if lat.is_empty() {
             bail!("every one of {cycles} cycles with {clients} clients failed");
@@ -515,6 +528,7 @@ impl Bench<'_> {
         let n = lat.len() as f64;
         Ok(Cycles {
             rate: n / elapsed,
+            steal,
             cpu_per_cycle: cpu0.zip(cpu1).map(|(a, b)| (b - a) / n),
             own_cpu_per_cycle: own0.zip(own1).map(|(a, b)| (b - a) / n),
             busy: busy0
@@ -704,6 +718,7 @@ impl Bench<'_> {
             // settle: measured is a start on a host with that many VMs,
             // not one in the wake of starting them.
             quiet(self.t0, &format!("scale, {level} VMs")).await;
+            let steal0 = machine_steal();
             for _ in 0..self.plan.scale_reps {
                 check_abort()?;
                 let name = self.hearth.create().await?;
@@ -717,6 +732,14 @@ impl Bench<'_> {
                     &format!("start, hearth, with {level} VMs running"),
                     "ms",
                     took,
+                );
+            }
+            if let Some(steal) = steal_since(steal0) {
+                self.report.add(
+                    &format!("scale.{level}.steal"),
+                    &format!("  CPU stolen by the hypervisor while measuring, {level} VMs"),
+                    "%",
+                    steal,
                 );
             }
             for _ in 0..self.plan.nft_reps {
@@ -748,7 +771,7 @@ impl Bench<'_> {
                 &format!("scale.{level}.nft"),
                 serde_json::json!({"rules": counts.rules, "chains": counts.chains, "elements": counts.elements, "marked": counts.marked}),
             );
-            for _ in 0..self.plan.nft_reps {
+            for _ in 0..self.plan.scale_bare_reps {
                 let t = Instant::now();
                 let (vm, steps) = self.bare.start().await?;
                 let took = ms(t);
@@ -1189,6 +1212,8 @@ struct Cycles {
     own_cpu_per_cycle: Option<f64>,
     /// How busy all of the machine's cores were (%).
     busy: Option<f64>,
+    /// How much of the machine's CPU the hypervisor took (%).
+    steal: Option<f64>,
 }
 
 /// CPU time (ms) `pid` used, with that of its children it has reaped
@@ -1221,6 +1246,25 @@ fn stat_cpu_ms(pid: u32, n: usize) -> Option<f64> {
 }
 
 /// (busy, total) jiffies of all cores, from `/proc/stat`.
+/// `/proc/stat`'s steal and total ticks, all cores: the time the
+/// hypervisor ran something else while this machine wanted its CPUs.
+fn machine_steal() -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = text.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<f64> = cpu
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // steal is the 8th number.
+    Some((*v.get(7)?, v.iter().sum()))
+}
+
+/// The share (%) of the machine's CPU time stolen since `before`.
+fn steal_since(before: Option<(f64, f64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = before.zip(machine_steal())?;
+    Some(100.0 * (s1 - s0) / (t1 - t0).max(1.0))
+}
+
 fn machine_ticks() -> Option<(f64, f64)> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu = text.lines().next()?.strip_prefix("cpu ")?;
