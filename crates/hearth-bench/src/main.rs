@@ -137,6 +137,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         scale_reps: args.reps.unwrap_or(if quick { 3 } else { 20 }).max(1),
         nft_reps: if quick { 3 } else { 50 },
         scale_bare_reps: if quick { 3 } else { 10 },
+        settle: !quick,
         recovery_reps: if quick { 1 } else { 3 },
         phases,
     })

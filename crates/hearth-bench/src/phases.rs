@@ -54,6 +54,8 @@ pub struct Plan {
     pub nft_reps: usize,
     /// Bare starts timed at each level.
     pub scale_bare_reps: usize,
+    /// Whether to wait for a quiet machine before each phase and level.
+    pub settle: bool,
     /// Live-recovery repetitions.
     pub recovery_reps: usize,
     /// Which phases run.
@@ -104,10 +106,14 @@ fn say(t0: Instant, msg: &str) {
 /// next) and waits, up to 10 s, for a quarter second in which the machine
 /// is under 10 % busy (deferred kernel work: deleted taps, discards of
 /// deleted files). Each phase then measures its own work, on a quiet
-/// machine, as a benchmark should.
-async fn quiet(t0: Instant, next: &str) {
+/// machine, as a benchmark should. The smoke run (`--quick`), which runs
+/// beside the test suite, only syncs (`wait` false).
+async fn quiet(t0: Instant, next: &str, wait: bool) {
     let t = Instant::now();
     let _ = tokio::task::spawn_blocking(rustix::fs::sync).await;
+    if !wait {
+        return;
+    }
     loop {
         let before = machine_ticks();
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -184,18 +190,18 @@ pub async fn run(env: &Env, plan: Plan, t0: Instant) -> anyhow::Result<Report> {
     };
     say(t0, &format!("hearthd up in namespace {}", env.netns));
     if b.plan.phases.start {
-        quiet(t0, "start").await;
+        quiet(t0, "start", b.plan.settle).await;
         b.start_phase().await?;
     }
     if b.plan.phases.throughput {
         b.throughput_phase().await?;
     }
     if b.plan.phases.scale {
-        quiet(t0, "scale").await;
+        quiet(t0, "scale", b.plan.settle).await;
         b.scale_phase().await?;
     }
     if b.plan.phases.recovery {
-        quiet(t0, "recovery").await;
+        quiet(t0, "recovery", b.plan.settle).await;
         b.recovery_phase().await?;
     }
     b.drain().await?;
@@ -375,7 +381,12 @@ impl Bench<'_> {
     /// Phase 3: full cycles per second at each concurrency.
     async fn throughput_phase(&mut self) -> anyhow::Result<()> {
         for (clients, cycles) in self.plan.tp.clone() {
-            quiet(self.t0, &format!("throughput, {clients} clients")).await;
+            quiet(
+                self.t0,
+                &format!("throughput, {clients} clients"),
+                self.plan.settle,
+            )
+            .await;
             say(
                 self.t0,
                 &format!(
@@ -717,7 +728,7 @@ impl Bench<'_> {
             // Let the fill's last watchers, log writes and disk copies
             // settle: measured is a start on a host with that many VMs,
             // not one in the wake of starting them.
-            quiet(self.t0, &format!("scale, {level} VMs")).await;
+            quiet(self.t0, &format!("scale, {level} VMs"), self.plan.settle).await;
             let steal0 = machine_steal();
             for _ in 0..self.plan.scale_reps {
                 check_abort()?;
