@@ -77,6 +77,10 @@ impl Lifecycle {
             {
                 let e = error_chain(&e).join(": ");
                 tracing::warn!(vm = %id, error = %e, "cannot record the teardown");
+                // The tap was not given back to the pool: the record must
+                // keep naming it, and everything else, for the next
+                // teardown (which finds what went already gone).
+                *rt = before;
                 if let Err(errors) = &mut result {
                     errors.push(e);
                 } else {

@@ -257,6 +257,40 @@ async fn failed_teardown_keeps_the_record_and_is_retried() {
     assert!(e.procs.live().is_empty());
 }
 
+#[tokio::test]
+async fn a_teardown_that_cannot_be_recorded_leaves_the_record_naming_everything() {
+    let e = env();
+    e.create("a");
+    let vm = e.l.start("a").await.unwrap();
+    let tap = vm.runtime.tap.clone().unwrap();
+    // A write at a stale generation fails, as a store that cannot write
+    // would: the objects go, the record keeps naming them all.
+    let mut rt = vm.runtime.clone();
+    let errors =
+        e.l.teardown(vm.id, vm.generation + 1, &mut rt)
+            .await
+            .unwrap_err();
+    assert!(
+        errors.iter().any(|e| e.contains("generation")),
+        "{errors:?}"
+    );
+    assert_eq!(rt, vm.runtime, "the runtime is back to naming everything");
+    assert!(e.procs.live().is_empty());
+    let taps = e.l.store().taps().unwrap();
+    let held = taps.iter().find(|t| t.name == tap).unwrap();
+    assert_eq!(
+        held.vm_id,
+        Some(vm.id),
+        "the tap is still the VM's in the pool"
+    );
+    // The next teardown, at the right generation, finds it all gone and
+    // gives the tap back.
+    e.l.teardown(vm.id, vm.generation, &mut rt).await.unwrap();
+    assert!(!holds_resources(&rt), "{rt:?}");
+    let taps = e.l.store().taps().unwrap();
+    assert!(taps.iter().all(|t| t.vm_id != Some(vm.id)), "{taps:?}");
+}
+
 /// The crash this design exists for: the daemon died after spawning the
 /// VMM but before recording its pid. The record names the API socket, so
 /// recovery still finds and kills the VMM.
