@@ -10,7 +10,7 @@
 //! - **A few connections, one exchange at a time on each.** Concurrent
 //!   dumps on one socket make the kernel answer EBUSY or drop replies
 //!   (ENOBUFS), so each connection carries one request at a time. A tap's
-//!   configure or reset is six to eight exchanges; with one connection,
+//!   configure or reset is five exchanges or so; with one connection,
 //!   eight concurrent starts and stops queued behind each other for it (5
 //!   ms a step under the throughput bench). Each tap's requests go to one
 //!   of four connections by its name, so different taps proceed side by
