@@ -117,9 +117,7 @@ async fn quiet(t0: Instant, next: &str, wait: bool) {
     loop {
         let before = machine_ticks();
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let busy = before
-            .zip(machine_ticks())
-            .map(|((b0, t0), (b1, t1))| 100.0 * (b1 - b0) / (t1 - t0).max(1.0));
+        let busy = before.zip(machine_ticks()).map(|(b0, b1)| share(b0, b1));
         if busy.is_none_or(|b| b < 10.0) || t.elapsed() > Duration::from_secs(10) {
             break;
         }
@@ -542,9 +540,7 @@ impl Bench<'_> {
             steal,
             cpu_per_cycle: cpu0.zip(cpu1).map(|(a, b)| (b - a) / n),
             own_cpu_per_cycle: own0.zip(own1).map(|(a, b)| (b - a) / n),
-            busy: busy0
-                .zip(busy1)
-                .map(|((b0, t0), (b1, t1))| 100.0 * (b1 - b0) / (t1 - t0).max(1.0)),
+            busy: busy0.zip(busy1).map(|(b0, b1)| share(b0, b1)),
             lat,
         })
     }
@@ -1256,37 +1252,42 @@ fn stat_cpu_ms(pid: u32, n: usize) -> Option<f64> {
     Some(ticks * 10.0)
 }
 
-/// (busy, total) jiffies of all cores, from `/proc/stat`.
-/// `/proc/stat`'s steal and total ticks, all cores: the time the
-/// hypervisor ran something else while this machine wanted its CPUs.
-fn machine_steal() -> Option<(f64, f64)> {
+/// The all-cores `cpu` line of `/proc/stat`, in jiffies: user, nice,
+/// system, idle, iowait, irq, softirq, steal, ….
+fn cpu_jiffies() -> Option<Vec<f64>> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu = text.lines().next()?.strip_prefix("cpu ")?;
-    let v: Vec<f64> = cpu
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // steal is the 8th number.
+    Some(
+        cpu.split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect(),
+    )
+}
+
+/// (busy, total) jiffies of all cores: busy is all but idle and iowait.
+fn machine_ticks() -> Option<(f64, f64)> {
+    let v = cpu_jiffies()?;
+    let total: f64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0.0);
+    Some((total - idle, total))
+}
+
+/// (steal, total) jiffies of all cores: steal is the time the hypervisor
+/// ran something else while this machine wanted its CPUs.
+fn machine_steal() -> Option<(f64, f64)> {
+    let v = cpu_jiffies()?;
     Some((*v.get(7)?, v.iter().sum()))
+}
+
+/// The share (%) of the machine's CPU time a (part, total) jiffies count
+/// moved by between `before` and `after`.
+fn share(before: (f64, f64), after: (f64, f64)) -> f64 {
+    100.0 * (after.0 - before.0) / (after.1 - before.1).max(1.0)
 }
 
 /// The share (%) of the machine's CPU time stolen since `before`.
 fn steal_since(before: Option<(f64, f64)>) -> Option<f64> {
-    let ((s0, t0), (s1, t1)) = before.zip(machine_steal())?;
-    Some(100.0 * (s1 - s0) / (t1 - t0).max(1.0))
-}
-
-fn machine_ticks() -> Option<(f64, f64)> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let cpu = text.lines().next()?.strip_prefix("cpu ")?;
-    let v: Vec<f64> = cpu
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: f64 = v.iter().sum();
-    // idle and iowait are the 4th and 5th numbers.
-    let idle = v.get(3)? + v.get(4).unwrap_or(&0.0);
-    Some((total - idle, total))
+    Some(share(before?, machine_steal()?))
 }
 
 /// hearthd's RSS split (KiB): anonymous (heap, stacks), file-backed (its
