@@ -34,8 +34,8 @@ pub enum FirewallError {
         #[source]
         source: std::io::Error,
     },
-    /// The thread that owns the netlink socket is gone.
-    #[error("nftables {op} failed: the nftables thread is gone")]
+    /// The answer was lost: what sent the transaction panicked.
+    #[error("nftables {op} failed: its answer was lost")]
     Gone {
         /// What was attempted.
         op: &'static str,
