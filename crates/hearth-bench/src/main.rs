@@ -46,7 +46,7 @@ struct Args {
     #[arg(long, value_name = "N")]
     vms: Option<usize>,
     /// Measured repetitions of the start/stop comparison (default 30, 3
-    /// with --quick) and starts measured at each scale level (default 20,
+    /// with --quick) and starts measured at each scale level, of hearth and of bare (default 20,
     /// 3 with --quick).
     #[arg(long, value_name = "N")]
     reps: Option<usize>,
@@ -136,7 +136,6 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         levels,
         scale_reps: args.reps.unwrap_or(if quick { 3 } else { 20 }).max(1),
         nft_reps: if quick { 3 } else { 50 },
-        scale_bare_reps: if quick { 3 } else { 10 },
         settle: !quick,
         recovery_reps: if quick { 1 } else { 3 },
         phases,

@@ -8,9 +8,9 @@
 //!    concurrent clients, with the CPU hearthd and its children used per
 //!    cycle (operations hearthd refuses are retried as a user would, and
 //!    counted);
-//! 4. **scale** — the start of one more VM (hearth and bare), one nft
-//!    transaction, the rule count and hearthd's RSS with 10, 100 and 1,000
-//!    VMs running;
+//! 4. **scale** — the start of one more VM (hearth and bare, taking turns,
+//!    spread over 15 s), nft transactions, the rule count and hearthd's RSS
+//!    with 10, 100 and 1,000 VMs running;
 //! 5. **recovery** — SIGKILL hearthd with the VMs of 4 running and restart
 //!    it (re-adoption), then again after killing every VMM while it is
 //!    down (teardown of all).
@@ -48,12 +48,10 @@ pub struct Plan {
     pub tp: Vec<(usize, usize)>,
     /// Running-VM counts for the scale phase.
     pub levels: Vec<usize>,
-    /// Starts measured at each level.
+    /// Starts measured at each level, of hearth and of bare alike.
     pub scale_reps: usize,
     /// nft transactions timed at each level.
     pub nft_reps: usize,
-    /// Bare starts timed at each level.
-    pub scale_bare_reps: usize,
     /// Whether to wait for a quiet machine before each phase and level.
     pub settle: bool,
     /// Live-recovery repetitions.
@@ -130,6 +128,9 @@ async fn quiet(t0: Instant, next: &str, wait: bool) {
         ),
     );
 }
+
+/// How long a full run spreads each scale level's measurements over.
+const SCALE_SPREAD: Duration = Duration::from_secs(15);
 
 /// The bench's state across phases.
 pub struct Bench<'a> {
@@ -725,21 +726,47 @@ impl Bench<'_> {
             // settle: measured is a start on a host with that many VMs,
             // not one in the wake of starting them.
             quiet(self.t0, &format!("scale, {level} VMs"), self.plan.settle).await;
+            // Round by round, hearth's start, the bare start and nft
+            // transactions take turns (the first of the two starts
+            // alternates), so all three see the host alike; in a full run
+            // the rounds are spread over `SCALE_SPREAD`, so that a burst
+            // of steal, which lasts seconds on a shared host, cannot set a
+            // level's median on its own.
             let steal0 = machine_steal();
-            for _ in 0..self.plan.scale_reps {
+            let rounds = self.plan.scale_reps;
+            let nft_per_round = self.plan.nft_reps.div_ceil(rounds);
+            let gap = if self.plan.settle {
+                SCALE_SPREAD / u32::try_from(rounds).unwrap_or(u32::MAX)
+            } else {
+                Duration::ZERO
+            };
+            for round in 0..rounds {
                 check_abort()?;
-                let name = self.hearth.create().await?;
-                let t = Instant::now();
-                self.hearth.start(&name).await?;
-                let took = ms(t);
-                self.hearth.stop(&name).await?;
-                self.hearth.delete(&name).await?;
-                self.report.add(
-                    &format!("scale.{level}.start"),
-                    &format!("start, hearth, with {level} VMs running"),
-                    "ms",
-                    took,
-                );
+                let round_started = Instant::now();
+                for k in 0..2 {
+                    if (round + k) % 2 == 0 {
+                        self.scale_hearth(level).await?;
+                    } else {
+                        self.scale_bare(level).await?;
+                    }
+                }
+                let done = round * nft_per_round;
+                for _ in done..(done + nft_per_round).min(self.plan.nft_reps) {
+                    let (apply, remove) = self.nft_transaction().await?;
+                    self.report.add(
+                        &format!("scale.{level}.nft_apply"),
+                        &format!("nftables transaction (one VM's apply), {level} VMs"),
+                        "ms",
+                        apply,
+                    );
+                    self.report.add(
+                        &format!("scale.{level}.nft_remove"),
+                        &format!("nftables transaction (one VM's removal), {level} VMs"),
+                        "ms",
+                        remove,
+                    );
+                }
+                tokio::time::sleep(gap.saturating_sub(round_started.elapsed())).await;
             }
             if let Some(steal) = steal_since(steal0) {
                 self.report.add(
@@ -747,21 +774,6 @@ impl Bench<'_> {
                     &format!("  CPU stolen by the hypervisor while measuring, {level} VMs"),
                     "%",
                     steal,
-                );
-            }
-            for _ in 0..self.plan.nft_reps {
-                let (apply, remove) = self.nft_transaction().await?;
-                self.report.add(
-                    &format!("scale.{level}.nft_apply"),
-                    &format!("nftables transaction (one VM's apply), {level} VMs"),
-                    "ms",
-                    apply,
-                );
-                self.report.add(
-                    &format!("scale.{level}.nft_remove"),
-                    &format!("nftables transaction (one VM's removal), {level} VMs"),
-                    "ms",
-                    remove,
                 );
             }
             let counts = nft_counts().await?;
@@ -778,28 +790,16 @@ impl Bench<'_> {
                 &format!("scale.{level}.nft"),
                 serde_json::json!({"rules": counts.rules, "chains": counts.chains, "elements": counts.elements, "marked": counts.marked}),
             );
-            for _ in 0..self.plan.scale_bare_reps {
-                let t = Instant::now();
-                let (vm, steps) = self.bare.start().await?;
-                let took = ms(t);
-                let dir = self.bare.stop(vm).await?;
-                self.bare.delete(&dir)?;
-                self.report.add(
-                    &format!("scale.{level}.bare"),
-                    &format!("start, bare, with {level} VMs running"),
-                    "ms",
-                    took,
+            if let (Some(h), Some(b)) = (
+                self.report.median(&format!("scale.{level}.start")),
+                self.report.median(&format!("scale.{level}.bare")),
+            ) {
+                self.report.derive(
+                    &format!("scale.{level}.hearth_over_bare"),
+                    &format!("start with {level} VMs running: hearth / bare (medians)"),
+                    "×",
+                    h / b,
                 );
-                for ((key, label), v) in STEPS.iter().zip(steps) {
-                    if matches!(*key, "address" | "nft" | "spawn" | "puts") {
-                        self.report.add(
-                            &format!("scale.{level}.bare_step.{key}"),
-                            &format!("  bare step with {level} VMs: {label}"),
-                            "ms",
-                            v,
-                        );
-                    }
-                }
             }
             let pid = self.daemon_pid()?;
             self.report
@@ -817,6 +817,50 @@ impl Bench<'_> {
                 "KiB",
                 (rss - base) * 1024.0 / level as f64,
             );
+        }
+        Ok(())
+    }
+
+    /// One start of a VM through hearthd with `level` VMs running (it is
+    /// stopped and deleted after, untimed).
+    async fn scale_hearth(&mut self, level: usize) -> anyhow::Result<()> {
+        let name = self.hearth.create().await?;
+        let t = Instant::now();
+        self.hearth.start(&name).await?;
+        let took = ms(t);
+        self.hearth.stop(&name).await?;
+        self.hearth.delete(&name).await?;
+        self.report.add(
+            &format!("scale.{level}.start"),
+            &format!("start, hearth, with {level} VMs running"),
+            "ms",
+            took,
+        );
+        Ok(())
+    }
+
+    /// One bare start with `level` VMs running, with its steps.
+    async fn scale_bare(&mut self, level: usize) -> anyhow::Result<()> {
+        let t = Instant::now();
+        let (vm, steps) = self.bare.start().await?;
+        let took = ms(t);
+        let dir = self.bare.stop(vm).await?;
+        self.bare.delete(&dir)?;
+        self.report.add(
+            &format!("scale.{level}.bare"),
+            &format!("start, bare, with {level} VMs running"),
+            "ms",
+            took,
+        );
+        for ((key, label), v) in STEPS.iter().zip(steps) {
+            if matches!(*key, "address" | "nft" | "spawn" | "puts") {
+                self.report.add(
+                    &format!("scale.{level}.bare_step.{key}"),
+                    &format!("  bare step with {level} VMs: {label}"),
+                    "ms",
+                    v,
+                );
+            }
         }
         Ok(())
     }
