@@ -46,8 +46,8 @@ struct Args {
     #[arg(long, value_name = "N")]
     vms: Option<usize>,
     /// Measured repetitions of the start/stop comparison (default 30, 3
-    /// with --quick) and starts measured at each scale level, of hearth and of bare (default 20,
-    /// 3 with --quick).
+    /// with --quick) and starts measured at each scale level, of hearth
+    /// and of bare (default 20, 3 with --quick).
     #[arg(long, value_name = "N")]
     reps: Option<usize>,
     /// Phases to run, comma-separated: start, throughput, scale, recovery
