@@ -127,7 +127,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
     Ok(Plan {
         reps,
         warmup: if quick { 1 } else { 3 },
-        tp_trials: if quick { 1 } else { 3 },
+        tp_trials: if quick { 1 } else { 5 },
         tp: if quick {
             vec![(1, 2), (8, 8), (32, 32)]
         } else {

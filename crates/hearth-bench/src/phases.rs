@@ -380,12 +380,6 @@ impl Bench<'_> {
     /// Phase 3: full cycles per second at each concurrency.
     async fn throughput_phase(&mut self) -> anyhow::Result<()> {
         for (clients, cycles) in self.plan.tp.clone() {
-            quiet(
-                self.t0,
-                &format!("throughput, {clients} clients"),
-                self.plan.settle,
-            )
-            .await;
             say(
                 self.t0,
                 &format!(
@@ -393,8 +387,17 @@ impl Bench<'_> {
                     self.plan.tp_trials
                 ),
             );
-            for _ in 0..self.plan.tp_trials {
+            for trial in 0..self.plan.tp_trials {
                 check_abort()?;
+                // Each trial on a quiet machine: a trial lasts about a
+                // second, a burst of steal several, so trials back to back
+                // could all fall in one burst.
+                quiet(
+                    self.t0,
+                    &format!("throughput, {clients} clients, trial {}", trial + 1),
+                    self.plan.settle,
+                )
+                .await;
                 let result = self.cycles(clients, cycles).await;
                 self.settle(&format!("throughput, {clients} clients"))
                     .await?;
