@@ -19,8 +19,10 @@
 //!  5.   copy the disk (dm: attach each loop, recording its
 //!       backing file before and the device after, then the dm device)
 //!  6.   one nftables transaction
-//!  7. PUT /logger, /metrics, /machine-config, /boot-source, /drives/rootfs,
-//!     /network-interfaces/eth0 (the tap must still exist)
+//!  7a.  PUT /logger, /metrics, /machine-config, /boot-source once the
+//!       VMM answers (they name neither disk nor tap)
+//!  7b. PUT /drives/rootfs, /network-interfaces/eth0 (the tap must still
+//!     exist)
 //!  8. PUT /actions InstanceStart
 //!  9. state → running (with what nftables installed, for inspect)
 //!                                                (store)   then watch the pid
@@ -29,8 +31,9 @@
 //! Recording ahead is safe because teardown treats "already gone" (or
 //! "never made") as success: a record may name more than exists, never
 //! less. The VMM is spawned before the host side is made so that its
-//! start-up (exec, binding the API socket: a few ms) overlaps steps 4–6
-//! instead of adding to them; it needs the tap and disk only at the PUTs.
+//! start-up (exec, binding the API socket: a few ms) and the PUTs that do
+//! not name the tap or the disk overlap steps 4–6 instead of adding to
+//! them (Firecracker takes its pre-boot configuration in any order).
 //!
 //! A failure anywhere runs the one teardown routine over whatever the
 //! record names, then records state `error` with the cause. Between 2's
@@ -258,10 +261,34 @@ impl Lifecycle {
         };
         failpoint::check("start.after_tap_reserved")?;
 
-        // 4–6 are independent of each other once recorded: made side by
-        // side, so a start waits for the slowest (the disk's fsync, under
-        // load), not for their sum. A failure in one still lets the others
-        // finish before teardown runs over everything recorded.
+        // 4–6 are independent of each other once recorded, and the PUTs
+        // that name neither the disk nor the tap (7a) need only the VMM:
+        // all four go side by side, so a start waits for the slowest (the
+        // disk's fsync, under load), not for their sum. A failure in one
+        // still lets the others finish before teardown runs over
+        // everything recorded.
+        let netmask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(TAP_PREFIX_LEN)));
+        let boot_args = format!(
+            "{} ip={guest_ip}::{host_ip}:{netmask}::eth0:off:{}",
+            spec.kernel_args, self.config.guest_dns
+        );
+        let early = [
+            ApiCall::Logger {
+                log_path: paths.vmm_log.clone(),
+            },
+            ApiCall::Metrics {
+                metrics_path: paths.metrics.clone(),
+            },
+            ApiCall::MachineConfig {
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+            },
+            ApiCall::BootSource {
+                kernel: spec.kernel.clone(),
+                boot_args,
+                initrd: spec.initrd.clone(),
+            },
+        ];
         let tap_side = async {
             self.net.create_tap(&tap).await?;
             failpoint::check("start.after_tap_created")?;
@@ -296,39 +323,28 @@ impl Lifecycle {
             failpoint::check("start.after_firewall_applied")?;
             Ok::<_, StepError>(installed)
         };
-        let (made_tap, drive, installed) = tokio::join!(tap_side, disk_side, firewall_side);
+        let vmm_side = async {
+            let procs = self.procs.clone();
+            let alive = move || procs.is_alive(pid, start_time, None);
+            let mut api = self
+                .vmm
+                .connect(&paths.api_socket, self.config.vmm_ready_timeout(), &alive)
+                .await?;
+            for call in &early {
+                failpoint::check("start.before_put")?;
+                api.call(call).await?;
+            }
+            Ok::<_, StepError>(api)
+        };
+        let (made_tap, drive, installed, api) =
+            tokio::join!(tap_side, disk_side, firewall_side, vmm_side);
         made_tap?;
         let drive = drive?;
         rt.firewall_handles = installed?;
+        let mut api = api?;
 
-        // 7–8. Configure and boot.
-        let procs = self.procs.clone();
-        let alive = move || procs.is_alive(pid, start_time, None);
-        let mut api = self
-            .vmm
-            .connect(&paths.api_socket, self.config.vmm_ready_timeout(), &alive)
-            .await?;
-        let netmask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(TAP_PREFIX_LEN)));
-        let boot_args = format!(
-            "{} ip={guest_ip}::{host_ip}:{netmask}::eth0:off:{}",
-            spec.kernel_args, self.config.guest_dns
-        );
+        // 7b–8. The PUTs that name the disk and the tap, and the boot.
         let calls = [
-            ApiCall::Logger {
-                log_path: paths.vmm_log.clone(),
-            },
-            ApiCall::Metrics {
-                metrics_path: paths.metrics.clone(),
-            },
-            ApiCall::MachineConfig {
-                vcpus: spec.vcpus,
-                memory_mib: spec.memory_mib,
-            },
-            ApiCall::BootSource {
-                kernel: spec.kernel.clone(),
-                boot_args,
-                initrd: spec.initrd.clone(),
-            },
             ApiCall::Drive {
                 id: "rootfs".into(),
                 path: drive,
