@@ -15,9 +15,9 @@
 //! It never takes a VM lock itself and never writes a state: every action
 //! is a generation-guarded [`Lifecycle`] call ([`Lifecycle::reap_if_gone`],
 //! [`Lifecycle::expire`]) given the generation the poller read, so a poller
-//! that read an old state never overwrites a newer one. `/proc` and the
-//! metrics files are read on a blocking thread, one batch per round, with
-//! no lock held. Actions run in tasks of their own, at most one per VM, so
+//! that read an old state never overwrites a newer one. The store's list,
+//! `/proc` and the metrics files are read on blocking threads, one batch
+//! per round, with no VM lock held. Actions run in tasks of their own, at most one per VM, so
 //! a graceful stop that waits `stop_timeout_secs` never delays a round.
 //! The samples live in memory only (in [`Samples`], owned by the
 //! lifecycle so the API can read them): they are measurements, not state,
@@ -93,8 +93,9 @@ pub enum PollerError {
     /// The store could not list the VMs.
     #[error("cannot list VMs")]
     List(#[source] StoreError),
-    /// The blocking task that reads `/proc` died.
-    #[error("the /proc reader task failed")]
+    /// A blocking task of the round (the store's list, the `/proc`
+    /// reads) died.
+    #[error("a blocking task of the round failed")]
     Reader(#[source] tokio::task::JoinError),
 }
 
@@ -483,7 +484,12 @@ impl Poller {
     /// whose VMM is gone. Actions are started, not awaited.
     pub async fn round(&self) -> Result<Round, PollerError> {
         let store = self.lifecycle.store();
-        let rows = store.list().map_err(PollerError::List)?;
+        // Milliseconds with 1,000 VMs: off the async workers.
+        let lifecycle = Arc::clone(&self.lifecycle);
+        let rows = tokio::task::spawn_blocking(move || lifecycle.store().list())
+            .await
+            .map_err(PollerError::Reader)?
+            .map_err(PollerError::List)?;
         let now = now_ms();
         let mut round = Round::default();
         let mut targets = Vec::new();

@@ -295,30 +295,66 @@ const STATEMENT_CACHE: usize = 32;
 
 const ROW_COLUMNS: &str = "id, name, spec, state, generation, runtime, created_at, updated_at, last_error, ttl_deadline_ms";
 
-fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
-    let id: String = r.get(0)?;
-    let spec: String = r.get(2)?;
-    let state: String = r.get(3)?;
-    let runtime: String = r.get(5)?;
-    let mut last_error: Option<String> = r.get(8)?;
-    let state = VmState::parse(&state).unwrap_or_else(|| {
-        last_error = Some(format!("unknown state {state:?} in the store"));
-        VmState::Error
-    });
-    Ok(VmRow {
-        id: Uuid::parse_str(&id).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-        })?,
+/// A row of `vms` as SQLite returns it, before its JSON is parsed: what
+/// [`Store::list`] copies out while it holds the connection.
+struct RawRow {
+    id: String,
+    name: String,
+    spec: String,
+    state: String,
+    generation: i64,
+    runtime: String,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    last_error: Option<String>,
+    ttl_deadline_ms: Option<i64>,
+}
+
+fn read_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok(RawRow {
+        id: r.get(0)?,
         name: r.get(1)?,
-        spec: serde_json::from_str(&spec).map_err(|e| e.to_string()),
-        state,
-        generation: r.get::<_, i64>(4)? as u64,
-        runtime: serde_json::from_str(&runtime).map_err(|e| e.to_string()),
+        spec: r.get(2)?,
+        state: r.get(3)?,
+        generation: r.get(4)?,
+        runtime: r.get(5)?,
         created_at_ms: r.get(6)?,
         updated_at_ms: r.get(7)?,
-        last_error,
+        last_error: r.get(8)?,
         ttl_deadline_ms: r.get(9)?,
     })
+}
+
+impl RawRow {
+    fn parse(self) -> rusqlite::Result<VmRow> {
+        let mut last_error = self.last_error;
+        let state = VmState::parse(&self.state).unwrap_or_else(|| {
+            last_error = Some(format!("unknown state {:?} in the store", self.state));
+            VmState::Error
+        });
+        Ok(VmRow {
+            id: Uuid::parse_str(&self.id).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?,
+            name: self.name,
+            spec: serde_json::from_str(&self.spec).map_err(|e| e.to_string()),
+            state,
+            generation: self.generation as u64,
+            runtime: serde_json::from_str(&self.runtime).map_err(|e| e.to_string()),
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            last_error,
+            ttl_deadline_ms: self.ttl_deadline_ms,
+        })
+    }
+}
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
+    read_raw(r)?.parse()
 }
 
 impl Store {
@@ -533,18 +569,24 @@ impl Store {
         .map_err(sql("find vm"))
     }
 
-    /// Every VM, oldest first.
+    /// Every VM, oldest first. The rows are copied out under the
+    /// connection and parsed after it is released: with 1,000 VMs the JSON
+    /// is most of the time, and starts wait for the connection.
     pub fn list(&self) -> Result<Vec<VmRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM vms ORDER BY id"))
-            .map_err(sql("list vms"))?;
-        let rows = stmt
-            .query_map([], read_row)
-            .map_err(sql("list vms"))?
+        let raw = {
+            let conn = self.conn();
+            let mut stmt = conn
+                .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM vms ORDER BY id"))
+                .map_err(sql("list vms"))?;
+            stmt.query_map([], read_raw)
+                .map_err(sql("list vms"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql("list vms"))?
+        };
+        raw.into_iter()
+            .map(RawRow::parse)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(sql("list vms"))?;
-        Ok(rows)
+            .map_err(sql("list vms"))
     }
 
     /// Applies a state change if the VM is still at `expected` generation;
