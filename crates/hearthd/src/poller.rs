@@ -17,8 +17,9 @@
 //! [`Lifecycle::expire`]) given the generation the poller read, so a poller
 //! that read an old state never overwrites a newer one. The store's list,
 //! `/proc` and the metrics files are read on blocking threads, one batch
-//! per round, with no VM lock held. Actions run in tasks of their own, at most one per VM, so
-//! a graceful stop that waits `stop_timeout_secs` never delays a round.
+//! per round, with no VM lock held. Actions run in tasks of their own, at
+//! most one per VM, so a graceful stop that waits `stop_timeout_secs`
+//! never delays a round.
 //! The samples live in memory only (in [`Samples`], owned by the
 //! lifecycle so the API can read them): they are measurements, not state,
 //! and the next round rebuilds them after a restart.
