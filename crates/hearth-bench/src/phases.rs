@@ -324,7 +324,9 @@ impl Bench<'_> {
         Ok(())
     }
 
-    async fn one_bare(&mut self, keep: bool) -> anyhow::Result<()> {
+    /// One bare start, stop and delete: the start's and the stop's times
+    /// (ms) and the start's steps.
+    async fn bare_cycle(&self) -> anyhow::Result<(f64, f64, Vec<f64>)> {
         let t = Instant::now();
         let (vm, steps) = self.bare.start().await?;
         let start = ms(t);
@@ -332,6 +334,11 @@ impl Bench<'_> {
         let dir = self.bare.stop(vm).await?;
         let stop = ms(t);
         self.bare.delete(&dir)?;
+        Ok((start, stop, steps))
+    }
+
+    async fn one_bare(&mut self, keep: bool) -> anyhow::Result<()> {
+        let (start, stop, steps) = self.bare_cycle().await?;
         if keep {
             self.report.add(
                 "start.bare",
@@ -844,11 +851,7 @@ impl Bench<'_> {
 
     /// One bare start with `level` VMs running, with its steps.
     async fn scale_bare(&mut self, level: usize) -> anyhow::Result<()> {
-        let t = Instant::now();
-        let (vm, steps) = self.bare.start().await?;
-        let took = ms(t);
-        let dir = self.bare.stop(vm).await?;
-        self.bare.delete(&dir)?;
+        let (took, _, steps) = self.bare_cycle().await?;
         self.report.add(
             &format!("scale.{level}.bare"),
             &format!("start, bare, with {level} VMs running"),
