@@ -4,10 +4,10 @@
 //!
 //! Teardown is driven by the runtime record alone, removes the VMM first
 //! (it holds the tap and the disk), then the rest (firewall and tap side
-//! by side, then dm, loops, files), treats "already
-//! gone" as success, clears each field only after its object is confirmed
-//! gone, and never stops at the first error: it tries every step and
-//! reports all failures together. The record is written once, at the end,
+//! by side, then dm, loops, files), treats "already gone" as success,
+//! clears each field only after its object is confirmed gone, and never
+//! stops at the first error: it tries every step and reports all failures
+//! together. The record is written once, at the end,
 //! with the tap given back to the pool and the teardown's event in the
 //! same transaction: until then it names more than exists, which the next
 //! teardown (after a crash, say) finds already gone.

@@ -1066,7 +1066,7 @@ impl NetHost for LinuxNet {
     }
 
     fn set_sysctl(&self, key: &str, value: &str) -> Result<(), NetError> {
-        write_sysctl(key, value)
+        self.first().set_sysctl(key, value)
     }
 
     fn get_sysctl(&self, key: &str) -> Result<String, NetError> {
